@@ -1,0 +1,79 @@
+"""Hook plugin ``filter_expert``: global -> local expert ids (SEMANTICS §7).
+
+Active exactly when ``layer.filter_expert`` (``num_experts != num_local_experts`` or
+unknown). The table is int32 [E_g] filled with ``-1``: global ``[rank·L, (rank+1)·L)``
+maps to ``0 … L−1`` (L local routed experts), the last S global ids (fused shared
+experts) to ``L … L+S−1``; an explicit ``layer.expert_map`` replaces it. Ids outside
+``[0, E_g)`` — stale values in padded rows of a CUDA-graph batch — become ``-1``
+*before* the gather, so the table is never indexed with ``-1``.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+from moe_core import hookimpl
+from moe_core.errors import MoEInputError
+from moe_core.spec import MoELayer
+
+_TABLES: weakref.WeakKeyDictionary[MoELayer, dict[torch.device, torch.Tensor]] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def build_table(layer: MoELayer) -> torch.Tensor:
+    """The int32 [E_g] global -> local table of ``layer`` on the CPU."""
+    E_g = layer.num_experts
+    E = layer.num_local_experts
+    if layer.expert_map is not None:
+        table = layer.expert_map
+        if table.dim() != 1 or table.shape[0] != E_g:
+            raise MoEInputError(f"expert_map: expected a 1-D table of length num_experts = {E_g}, "
+                                f"got shape {list(table.shape)}")
+        if table.dtype != torch.int32:
+            raise MoEInputError(f"expert_map: expected dtype torch.int32, got {table.dtype}")
+        cpu = table.cpu()
+        if bool(((cpu < -1) | (cpu >= E)).any()):
+            raise MoEInputError(f"expert_map: values must lie in [-1, {E}) (num_local_experts)")
+        used = cpu[cpu >= 0]
+        if used.unique().numel() != used.numel():
+            raise MoEInputError("expert_map: two global ids map to the same local id")
+        return cpu
+    S = layer.num_fused_shared_experts
+    L = E - S
+    routed_global = E_g - S
+    if layer.ep_size * L != routed_global:
+        raise MoEInputError(f"layer: ep_size·local routed experts = {layer.ep_size}·{L} must equal the global "
+                            f"routed experts {routed_global}; pass expert_map for uneven placements")
+    table = torch.full((E_g,), -1, dtype=torch.int32)
+    start = layer.ep_rank * L
+    table[start:start + L] = torch.arange(L, dtype=torch.int32)
+    if S:
+        table[routed_global:] = torch.arange(L, L + S, dtype=torch.int32)
+    return table
+
+
+def _table_on(layer: MoELayer, device: torch.device) -> torch.Tensor:
+    with _LOCK:
+        per_device = _TABLES.setdefault(layer, {})
+        if device not in per_device:
+            per_device[device] = build_table(layer).to(device)
+        return per_device[device]
+
+
+@hookimpl
+def moe_core_map_expert_ids(topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor | None:
+    """Map ``topk_ids`` [M, k] to local ids; None when the layer needs no mapping."""
+    if not layer.filter_expert:
+        return None
+    E = layer.num_local_experts
+    if layer.num_experts is None:   # global count unknown: ids are local already; drop the rest
+        valid = (topk_ids >= 0) & (topk_ids < E)
+        return torch.where(valid, topk_ids, torch.full_like(topk_ids, -1))
+    E_g = layer.num_experts
+    table = _table_on(layer, topk_ids.device)
+    valid = (topk_ids >= 0) & (topk_ids < E_g)
+    gathered = table[topk_ids.clamp(0, E_g - 1).long()]
+    return torch.where(valid, gathered, torch.full_like(gathered, -1))

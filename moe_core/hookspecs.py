@@ -1,0 +1,101 @@
+"""The hook specifications of moe-core (SEMANTICS §8), and the pluggy markers.
+
+Hook plugins mark functions with :data:`hookimpl`; a plugin is any object or module
+carrying them, registered globally through the ``moe_core.hooks`` entry-point group or
+on one runner with :meth:`moe_core.MoERunner.register`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from moe_core.spec import MoELayer
+
+__all__ = ["PROJECT_NAME", "hookspec", "hookimpl"]
+
+#: the pluggy project name; pluggy stores ``moe_core_spec``/``moe_core_impl`` attributes
+PROJECT_NAME = "moe_core"
+
+#: marker for hook specifications (used only in this module)
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: marker for hook implementations in plugins: ``@moe_core.hookimpl``
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# -------------------------------------------------------------------------------------
+# Step 1: expert id mapping
+# -------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def moe_core_map_expert_ids(topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor | None:
+    """Translate global expert ids to this rank's local ids.
+
+    Called in step 1 of every forward whose ``layer.filter_expert`` is true
+    (``num_experts != num_local_experts`` or unknown), before alignment. Never called
+    otherwise.
+
+    :param topk_ids: [M, k] int32 global ids as routed; padded rows of a CUDA-graph batch
+        may hold stale, huge or negative values. Do not write it.
+    :param layer: the frozen :class:`~moe_core.MoELayer` (``ep_rank``, ``ep_size``,
+        ``expert_map``, ``num_fused_shared_experts``).
+    :returns: a new [M, k] int32 tensor of local ids in ``[-1, E)``, ``-1`` for experts on
+        another rank and for invalid ids; or ``None`` to let the next implementation decide.
+
+    Stops at first non-None result.
+
+    Implementations must not sync with the host or allocate data-dependent sizes, and must
+    mask out-of-range ids *before* gathering through a table (never index with ``-1``).
+    """
+
+
+# -------------------------------------------------------------------------------------
+# Steps 5 and 8: edits of the intermediate buffers (LoRA)
+# -------------------------------------------------------------------------------------
+
+
+@hookspec
+def moe_core_after_gate_up(x: torch.Tensor, gate_up: torch.Tensor, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor, layer: MoELayer) -> None:
+    """Edit the gemm1 output in place, before the activation (step 5).
+
+    Called only when at least one implementation is registered.
+
+    :param x: [M, H] the runner input, unquantized. Do not write it.
+    :param gate_up: [M, k, N] view, token-major (row ``[m, j]`` is slot ``m·k + j``);
+        pre-activation, scales and bias applied, routed weight included iff
+        ``layer.apply_router_weight_on_input``. **May be written in place.**
+    :param topk_weights: [M, k] fp32. Do not write it.
+    :param topk_ids: [M, k] int32 *local* ids; ``-1`` = remote or padded. Do not touch
+        rows whose id is ``-1``.
+    :param layer: the frozen layer spec.
+    :returns: nothing; return values are ignored.
+
+    A raising implementation aborts the forward with :class:`~moe_core.errors.HookError`.
+    """
+
+
+@hookspec
+def moe_core_after_down(act: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor, layer: MoELayer) -> None:
+    """Edit the gemm2 output in place, before the combine (step 8).
+
+    Called only when at least one implementation is registered.
+
+    :param act: [M·k, N/2 or N] post-activation input of gemm2, unquantized; rows of
+        ``-1`` slots are unspecified. Do not write it.
+    :param down: [M, k, H] view, token-major; routed weight included unless
+        ``layer.apply_router_weight_on_input`` or ``no_combine``. **May be written in
+        place**; rows of ``-1`` slots must stay zero.
+    :param topk_weights: [M, k] fp32. Do not write it.
+    :param topk_ids: [M, k] int32 local ids. Do not write it.
+    :param layer: the frozen layer spec.
+    :returns: nothing; return values are ignored.
+
+    A hook adds its delta with the weighting of the buffer it edits.
+    """

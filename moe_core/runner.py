@@ -1,0 +1,105 @@
+"""``MoERunner``: one layer, its backend and its own hook plugins; runs the one sequence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pluggy
+import torch
+
+from moe_core import plugins, sequence
+from moe_core.api import resolve_backend
+from moe_core.backend import Backend
+from moe_core.spec import ExpertWeights, MoELayer, Plan, QuantSpec
+
+__all__ = ["MoERunner"]
+
+
+@attrs.define(eq=False)
+class MoERunner:
+    """Runs one MoE layer through the selected backend with per-layer hooks.
+
+    :param layer: the :class:`MoELayer`.
+    :param backend: a backend name or instance; None: ``MOE_CORE_BACKEND``, else the
+        available supporting backend of highest priority (chosen at the first run).
+
+    Hook plugins registered with :meth:`register` apply to this runner only, on top of
+    the global ``moe_core.hooks`` entry points. Given the same inputs, :meth:`run` and
+    :func:`moe_core.fused_experts` return bit-identical outputs.
+    """
+
+    layer: MoELayer = attrs.field(validator=attrs.validators.instance_of(MoELayer))
+    backend_request: str | Backend | None = attrs.field(default=None, alias="backend")
+    _pm: pluggy.PluginManager | None = attrs.field(default=None, init=False, repr=False)
+    _hooks: plugins.HookSet | None = attrs.field(default=None, init=False, repr=False)
+    _backends: dict[str, Backend] = attrs.field(factory=dict, init=False, repr=False)
+    _last_plan: Plan | None = attrs.field(default=None, init=False, repr=False)
+
+    def _manager(self) -> pluggy.PluginManager:
+        if self._pm is None:
+            self._pm = plugins.new_plugin_manager()
+        return self._pm
+
+    def register(self, plugin: Any, name: str | None = None) -> None:
+        """Register a hook plugin (object or module with ``@moe_core.hookimpl`` functions)
+        on this runner only. A malformed plugin raises PluginRegistrationError."""
+        plugins.register_hooks(self._manager(), plugin, name)
+        self._hooks = None
+
+    def unregister(self, plugin: Any) -> None:
+        """Remove a hook plugin registered with :meth:`register`."""
+        self._manager().unregister(plugin)
+        self._hooks = None
+
+    @property
+    def hooks(self) -> plugins.HookSet:
+        """The hooks this runner calls (global entry points + its own)."""
+        if self._hooks is None:
+            self._hooks = plugins.hookset_for(self._pm) if self._pm is not None else plugins.global_hookset()
+        return self._hooks
+
+    def backend_for(self, quant: QuantSpec) -> Backend:
+        """The backend this runner uses for weights quantized with ``quant``."""
+        key = quant.scheme + repr(quant.block_shape) + repr(quant.per_channel)
+        if key not in self._backends:
+            self._backends[key] = resolve_backend(self.backend_request, self.layer, quant)
+        return self._backends[key]
+
+    @property
+    def backend(self) -> Backend:
+        """The backend for unquantized weights (or the one of the last run)."""
+        if self._last_plan is not None:
+            return self._last_plan.backend
+        return self.backend_for(QuantSpec.none())
+
+    def run(self, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, *, inplace: bool = False, no_combine: bool = False,
+            out: torch.Tensor | None = None, n_valid: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Forward pass (SEMANTICS §2). ``n_valid``: rows at or past it are padding (ids → -1).
+
+        :returns: [M, H], or [M, k, H] with ``no_combine``; ``inplace`` mutates ``x``.
+        """
+        backend = self.backend_for(weights.quant)
+        plan = sequence.prepare(x, weights, topk_weights, topk_ids, self.layer, backend, self.hooks,
+                                inplace=inplace, no_combine=no_combine, out=out, n_valid=n_valid)
+        self._last_plan = plan
+        return sequence.run(plan, x, weights, topk_weights, topk_ids, inplace=inplace,
+                            no_combine=no_combine, out=out, n_valid=n_valid)
+
+    def explain(self) -> str:
+        """Which backend and configs were chosen, and why (after a run: that run's plan)."""
+        plan = self._last_plan
+        backend = plan.backend if plan is not None else self.backend
+        lines = [f"backend: {backend.name} (platform {backend.platform}, priority {backend.priority}, "
+                 f"distribution {plugins.distribution_of(backend)})",
+                 f"requested: {self.backend_request or 'automatic (MOE_CORE_BACKEND or highest priority)'}",
+                 f"hooks: after_gate_up={'yes' if self.hooks.after_gate_up else 'no'}, "
+                 f"after_down={'yes' if self.hooks.after_down else 'no'}, "
+                 f"id mapping={'on' if self.layer.filter_expert else 'off'}"]
+        if plan is None:
+            lines.append("configs: resolved at the first run")
+        else:
+            for key, value in plan.why.items():
+                lines.append(f"{key}: {value}")
+        return "\n".join(lines)

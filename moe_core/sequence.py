@@ -1,0 +1,161 @@
+"""The one orchestration of the fused-MoE forward pass (SEMANTICS §2).
+
+``prepare`` does steps 0–2 (validate, resolve configs and hooks) and returns a
+:class:`~moe_core.spec.Plan`; ``run`` does steps 1 and 3–9 with the plan's backend::
+
+    ids      = map_expert_ids(topk_ids)                    # 1  hook, only when filter_expert
+    sorted, expert_ids, n_post = backend.align(ids)        # 3
+    gate_up  = backend.gemm(x, w1)        [M·k, N]         # 4
+    after_gate_up(x, gate_up[M, k, N])                     # 5  hook
+    act      = backend.activation(gate_up)                 # 6
+    down     = backend.gemm(act, w2)      [M·k, H]         # 7
+    after_down(act, down[M, k, H])                         # 8  hook
+    out      = backend.combine(down)      [M, H]           # 9
+
+Every entry point (:func:`moe_core.fused_experts`, :meth:`moe_core.MoERunner.run`, the
+custom ops) calls these two functions; there is no second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from moe_core import config as _config
+from moe_core import validate
+from moe_core.errors import BackendExecutionError, HookError, MoECoreError, MoEInputError
+from moe_core.spec import ExpertWeights, MoELayer, Plan, QuantSpec
+
+if TYPE_CHECKING:
+    from moe_core.backend import Backend
+    from moe_core.plugins import HookSet
+
+__all__ = ["prepare", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def prepare(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, layer: MoELayer, backend: Backend, hooks: HookSet, *,
+            inplace: bool = False, no_combine: bool = False, out: torch.Tensor | None = None,
+            n_valid: int | torch.Tensor | None = None) -> Plan:
+    """Steps 0 and 2: check every input (before any launch) and resolve the configs.
+
+    :param x: [M, H] tokens.
+    :param weights: the layer's :class:`ExpertWeights`.
+    :param topk_weights: [M, k] fp32 routed weights.
+    :param topk_ids: [M, k] int32 (or int64, converted in :func:`run`) expert ids.
+    :returns: the :class:`Plan` for :func:`run`; nothing is mutated.
+    """
+    validate.check_forward(x, weights, topk_weights, topk_ids, layer, backend, hooks,
+                           inplace=inplace, no_combine=no_combine, out=out, n_valid=n_valid)
+    M = x.shape[0]
+    E = weights.w2.shape[0]
+    resolved = _config.resolve_configs(
+        backend, M=M, E=E, I=layer.intermediate_size, H=layer.hidden_size, top_k=layer.top_k,
+        act_dtype=x.dtype, quant=weights.quant, has_hooks=hooks.any)
+    return Plan(backend=backend, layer=layer, quant=weights.quant, config=resolved.config,
+                down_config=resolved.down_config, hooks=hooks, why=resolved.why)
+
+
+@contextlib.contextmanager
+def _step(plan: Plan, step: str) -> Iterator[None]:
+    """Label one step for the profiler and turn a backend failure into BackendExecutionError."""
+    with torch.profiler.record_function(f"moe_core::{step}"):
+        try:
+            yield
+        except MoECoreError:
+            raise
+        except Exception as exc:
+            from moe_core.plugins import distribution_of
+
+            raise BackendExecutionError(
+                f"backend {plan.backend.name!r} (distribution {distribution_of(plan.backend)}) "
+                f"failed in step {step!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _map_ids(plan: Plan, topk_ids: torch.Tensor, n_valid: int | torch.Tensor | None) -> torch.Tensor:
+    """Step 1: int32 local ids; remote experts and rows past ``n_valid`` become -1."""
+    ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+    if plan.layer.filter_expert:
+        mapped = plan.hooks.map_expert_ids(ids, plan.layer)
+        if mapped is None:
+            raise HookError("layer.filter_expert is on (num_experts != num_local_experts) but no "
+                            "moe_core_map_expert_ids hook mapped the ids; install or register "
+                            "the 'filter_expert' hook plugin")
+        validate.check_mapped_ids(mapped, ids, plan.layer.num_local_experts)
+        ids = mapped
+    if n_valid is not None:
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
+        ids = torch.where(rows < n_valid, ids, torch.full_like(ids, -1))
+    return ids
+
+
+def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor, *, inplace: bool = False, no_combine: bool = False,
+        out: torch.Tensor | None = None, n_valid: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 1 and 3–9 of the forward pass with the resolved ``plan``.
+
+    :returns: [M, H] (``out`` or ``x`` when given / ``inplace``), or [M, k, H] with
+        ``no_combine`` (unweighted, unscaled). With ``inplace`` ``x`` is mutated.
+    """
+    layer, quant, backend, hooks = plan.layer, plan.quant, plan.backend, plan.hooks
+    w1, w2 = weights.w1, weights.w2
+    M, H = x.shape
+    k = topk_ids.shape[1]
+    E = w2.shape[0]
+    N = w1.shape[1]
+    S = M * k
+    if M == 0:
+        if no_combine:
+            return x.new_empty((0, k, H))
+        return x if inplace else (out if out is not None else torch.empty_like(x))
+
+    with _step(plan, "map_expert_ids"):
+        ids = _map_ids(plan, topk_ids, n_valid)
+    with _step(plan, "align"):
+        sorted_ids, expert_ids, n_post = backend.align(ids, plan.block_m, E)
+
+    a1, a1_scale = x, None
+    if quant.is_w8a8:
+        with _step(plan, "quantize_gemm1_input"):
+            a1, a1_scale = backend.quantize_activation(x, quant, quant.a1_scale)
+    gate_up = torch.empty((S, N), dtype=x.dtype, device=x.device)
+    with _step(plan, "gemm1"):
+        backend.gemm(a1, w1, gate_up, a_scale=a1_scale, w_scale=quant.w1_scale, w_zp=quant.w1_zp,
+                     bias=weights.b1, topk_weights=topk_weights, sorted_token_ids=sorted_ids,
+                     expert_ids=expert_ids, num_tokens_post_padded=n_post, top_k=k,
+                     mul_routed_weight=layer.apply_router_weight_on_input, quant=quant,
+                     config=dict(plan.config))
+    if hooks.after_gate_up is not None:
+        hooks.after_gate_up(x=x, gate_up=gate_up.view(M, k, N), topk_weights=topk_weights,
+                            topk_ids=ids, layer=layer)
+
+    act = torch.empty((S, N // 2 if layer.is_gated else N), dtype=x.dtype, device=x.device)
+    with _step(plan, "activation"):
+        backend.activation(gate_up, act, layer, ids)
+
+    a2, a2_scale = act, None
+    if quant.is_w8a8:
+        with _step(plan, "quantize_gemm2_input"):
+            a2, a2_scale = backend.quantize_activation(act, quant, quant.a2_scale)
+    down = torch.empty((S, H), dtype=x.dtype, device=x.device)
+    with _step(plan, "gemm2"):
+        backend.gemm(a2, w2, down, a_scale=a2_scale, w_scale=quant.w2_scale, w_zp=quant.w2_zp,
+                     bias=weights.b2, topk_weights=topk_weights, sorted_token_ids=sorted_ids,
+                     expert_ids=expert_ids, num_tokens_post_padded=n_post, top_k=1,
+                     mul_routed_weight=not (layer.apply_router_weight_on_input or no_combine),
+                     quant=quant, config=dict(plan.down_config))
+    if hooks.after_down is not None:
+        hooks.after_down(act=act, down=down.view(M, k, H), topk_weights=topk_weights,
+                         topk_ids=ids, layer=layer)
+    if no_combine:
+        return down.view(M, k, H)
+
+    result = x if inplace else (out if out is not None else torch.empty_like(x))
+    with _step(plan, "combine"):
+        backend.combine(down.view(M, k, H), result, layer.scaling)
+    return result

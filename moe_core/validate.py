@@ -1,0 +1,220 @@
+"""Step 0: every input check of TESTING.md §9, before any launch.
+
+Metadata (shape, dtype, device, stride) is always checked; *values* of GPU tensors
+(id ranges, NaN weights) only under ``MOE_CORE_DEBUG=1`` because that needs a host
+sync. Values of CPU tensors are always checked. Messages name the argument, the
+expected and the actual value.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from moe_core import envs
+from moe_core.errors import HookError, MoEInputError, MoETypeError
+from moe_core.spec import ExpertWeights, MoELayer, QuantSpec
+
+if TYPE_CHECKING:
+    from moe_core.backend import Backend
+    from moe_core.plugins import HookSet
+
+__all__ = ["check_forward", "check_mapped_ids", "expected_weight_dtypes"]
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _need_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise MoETypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def expected_weight_dtypes(quant: QuantSpec, act_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The weight dtypes a scheme accepts."""
+    if quant.scheme == "none":
+        return (act_dtype,)
+    if quant.scheme == "fp8_w8a8":
+        return _FP8
+    if quant.scheme == "int8_w8a8":
+        return (torch.int8,)
+    if quant.scheme == "int8_w8a16":
+        return (torch.int8,) if quant.group_size is None else (torch.uint8,)
+    return (torch.uint8,)  # int4 packed
+
+
+def _values_checked(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or envs.debug()
+
+
+def _check_scales(quant: QuantSpec, E: int, N: int, H: int, I: int, M: int, k: int) -> None:
+    """Scale layouts of SEMANTICS §4.1 for both GEMMs (gemm1: N_out=N, K=H; gemm2: N_out=H, K=I)."""
+    if not quant.is_quantized:
+        for name in ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "w1_zp", "w2_zp"):
+            if getattr(quant, name) is not None:
+                raise MoEInputError(f"{name}: a scale was given but the quantization scheme is 'none'")
+        return
+    for which, n_out, K, rows in ((1, N, H, M), (2, H, I, M * k)):
+        ws = getattr(quant, f"w{which}_scale")
+        name = f"w{which}_scale"
+        if quant.is_block:
+            bn, bk = quant.block_shape
+            want = (E, -(-n_out // bn), -(-K // bk))
+            if _shape(ws) != want:
+                raise MoEInputError(f"{name}: block [{bn}, {bk}] scales must be [E, ⌈N_out/bn⌉, ⌈K/bk⌉] = "
+                                    f"{list(want)}, got {list(_shape(ws))}")
+        elif quant.is_w8a8 and quant.per_channel or quant.scheme == "int8_w8a16" and quant.group_size is None:
+            if _shape(ws) not in ((E, n_out), (E, n_out, 1)):
+                raise MoEInputError(f"{name}: per-channel scales must be [E, N_out] = [{E}, {n_out}] "
+                                    f"or [E, N_out, 1], got {list(_shape(ws))}")
+        elif quant.is_w8a8:
+            if _shape(ws) not in ((E,), (E, 1), (E, 1, 1)) and ws.numel() != E:
+                raise MoEInputError(f"{name}: per-tensor scales must be [E] = [{E}], got {list(_shape(ws))}")
+        else:  # grouped weight-only
+            g = quant.group_size
+            if K % g:
+                raise MoEInputError(f"group_size: K = {K} of gemm{which} is not a multiple of group_size {g}")
+            want = (E, n_out, K // g)
+            if _shape(ws) != want:
+                raise MoEInputError(f"{name}: group scales must be [E, N_out, K/g] = {list(want)}, "
+                                    f"got {list(_shape(ws))}")
+            zp = getattr(quant, f"w{which}_zp")
+            if zp is not None:
+                zwant = (E, n_out // 2, K // g) if quant.scheme == "int4_w4a16" else want
+                if _shape(zp) != zwant:
+                    raise MoEInputError(f"w{which}_zp: zero points must be {list(zwant)}, got {list(_shape(zp))}")
+        a_s = getattr(quant, f"a{which}_scale")
+        if a_s is not None:
+            if a_s.dim() == 1 and a_s.numel() != 1:
+                raise MoEInputError(f"a{which}_scale: a 1-D activation scale must have numel 1, got "
+                                    f"{list(_shape(a_s))}; per-token scales are [rows, 1]")
+            if a_s.numel() != 1 and _shape(a_s) != (rows, 1):
+                raise MoEInputError(f"a{which}_scale: expected numel 1 or [rows, 1] = [{rows}, 1], "
+                                    f"got {list(_shape(a_s))}")
+
+
+def check_forward(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, layer: MoELayer, backend: Backend, hooks: HookSet, *,
+                  inplace: bool, no_combine: bool, out: torch.Tensor | None,
+                  n_valid: int | torch.Tensor | None) -> None:
+    """Raise MoEInputError / MoETypeError for any bad input of one forward."""
+    x = _need_tensor("x", x)
+    w1, w2, quant = weights.w1, weights.w2, weights.quant
+    topk_ids = _need_tensor("topk_ids", topk_ids)
+    topk_weights = _need_tensor("topk_weights", topk_weights)
+    if x.dim() != 2:
+        raise MoEInputError(f"x: expected a 2-D [M, H] tensor, got shape {list(_shape(x))}")
+    ok, reason = backend.supports_dtype(x.dtype)
+    if not ok:
+        raise MoETypeError(f"x: backend {backend.name!r} cannot compute in {x.dtype}: {reason}")
+    M, H = x.shape
+    if H != layer.hidden_size:
+        raise MoEInputError(f"x: expected hidden size H = layer.hidden_size = {layer.hidden_size}, got {H}")
+    if x.numel() and x.stride(-1) != 1:
+        raise MoEInputError(f"x: the last dim must be contiguous (stride 1), got strides {x.stride()}")
+    for name, w in (("w1", w1), ("w2", w2)):
+        if w.dim() != 3:
+            raise MoEInputError(f"{name}: expected a 3-D [E, rows, K] tensor, got shape {list(_shape(w))}")
+        if w.device != x.device:
+            raise MoEInputError(f"{name}: expected device {x.device} (the device of x), got {w.device}")
+        allowed = expected_weight_dtypes(quant, x.dtype)
+        if w.dtype not in allowed:
+            raise MoETypeError(f"{name}: scheme {quant.scheme!r} with x of {x.dtype} needs weights of "
+                               f"{' or '.join(map(str, allowed))}, got {w.dtype}")
+    E = w1.shape[0]
+    if w2.shape[0] != E:
+        raise MoEInputError(f"w2: expected E = w1.shape[0] = {E} experts, got {w2.shape[0]}")
+    if E != layer.num_local_experts:
+        raise MoEInputError(f"w1: expected E = layer.num_local_experts = {layer.num_local_experts}, got {E}")
+    pack = 2 if quant.scheme == "int4_w4a16" else 1
+    N, I = layer.gate_up_rows, layer.intermediate_size
+    if w1.shape[1] != N:
+        raise MoEInputError(f"w1: expected {N} rows ({'2·I' if layer.is_gated else 'I'} with I = {I}), "
+                            f"got shape {list(_shape(w1))}")
+    if w1.shape[2] * pack != H:
+        raise MoEInputError(f"w1: expected last dim {H // pack if pack == 2 else H} (H = {H}"
+                            f"{', packed two per byte' if pack == 2 else ''}), got shape {list(_shape(w1))}")
+    if w2.shape[1] != H or w2.shape[2] * pack != I:
+        raise MoEInputError(f"w2: expected shape [{E}, {H}, {I // pack}] ([E, H, I]"
+                            f"{' packed' if pack == 2 else ''}), got {list(_shape(w2))}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != M:
+        raise MoEInputError(f"topk_ids: expected shape [M, k] with M = {M}, got {list(_shape(topk_ids))}")
+    if _shape(topk_weights) != _shape(topk_ids):
+        raise MoEInputError(f"topk_weights: expected the shape of topk_ids {list(_shape(topk_ids))}, "
+                            f"got {list(_shape(topk_weights))}")
+    k = topk_ids.shape[1]
+    if k != layer.top_k:
+        raise MoEInputError(f"topk_ids: expected k = layer.top_k = {layer.top_k} columns, got {k}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise MoETypeError(f"topk_ids: expected an int32 (or int64) tensor, got {topk_ids.dtype}")
+    if not topk_weights.dtype.is_floating_point:
+        raise MoETypeError(f"topk_weights: expected float32, got {topk_weights.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise MoETypeError(f"topk_weights: expected float32 (never downcast), got {topk_weights.dtype}")
+    if M and topk_weights.stride(1) != 1:
+        raise MoEInputError(f"topk_weights: expected stride(1) == 1, got strides {topk_weights.stride()}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.device != x.device:
+            raise MoEInputError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    for name, b, rows in (("b1", weights.b1, N), ("b2", weights.b2, H)):
+        if b is None:
+            continue
+        if quant.is_weight_only and quant.group_size is not None:
+            raise MoEInputError(f"{name}: biases are not supported with grouped {quant.scheme} weights")
+        if _shape(b) != (E, rows):
+            raise MoEInputError(f"{name}: expected shape [E, {rows}] = [{E}, {rows}], got {list(_shape(b))}")
+        if b.dtype != x.dtype:
+            raise MoETypeError(f"{name}: expected the compute dtype {x.dtype}, got {b.dtype}")
+    _check_scales(quant, E, N, H, I, M, k)
+    if inplace and no_combine:
+        raise MoEInputError("inplace=True and no_combine=True: no_combine returns [M, k, H], "
+                            "which cannot be written into x")
+    if inplace and x.requires_grad:
+        raise MoEInputError("x: inplace=True on a tensor that requires grad")
+    if out is not None:
+        _need_tensor("out", out)
+        if _shape(out) != (M, H) or out.dtype != x.dtype or out.device != x.device:
+            raise MoEInputError(f"out: expected [{M}, {H}] {x.dtype} on {x.device}, got "
+                                f"{list(_shape(out))} {out.dtype} on {out.device}")
+        for name, t in (("x", x), ("w1", w1), ("w2", w2), ("topk_weights", topk_weights)):
+            if out.numel() and t.numel() and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                raise MoEInputError(f"out: aliases {name}; pass a separate buffer (or inplace=True for x)")
+    if hooks.any and not backend.accepts_hooks:
+        raise MoEInputError(f"hooks: backend {backend.name!r} takes no hooks, but hooks are registered")
+    if M and _values_checked(topk_ids):
+        _check_id_values(topk_ids, topk_weights, layer, n_valid)
+
+
+def _check_id_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: MoELayer,
+                     n_valid: int | torch.Tensor | None) -> None:
+    rows = topk_ids.shape[0] if n_valid is None else int(n_valid)
+    ids = topk_ids[:rows]
+    upper = layer.num_experts if layer.num_experts is not None else None
+    bad = ids < -1
+    if upper is not None:
+        bad |= ids >= upper
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise MoEInputError(f"topk_ids: values must lie in [-1, {upper}) "
+                            f"(num_experts), got {int(ids[where[0], where[1]])} at row {where[0]}, column {where[1]}")
+    valid = ids >= 0
+    w = topk_weights[:rows]
+    if bool((~torch.isfinite(w) & valid).any()):
+        raise MoEInputError("topk_weights: NaN or infinite routed weights in rows with a valid expert id")
+
+
+def check_mapped_ids(mapped: object, ids: torch.Tensor, num_local_experts: int) -> None:
+    """Validate a ``moe_core_map_expert_ids`` result: [M, k] int32 in ``[-1, E)``."""
+    if not isinstance(mapped, torch.Tensor):
+        raise HookError(f"moe_core_map_expert_ids returned {type(mapped).__name__}, expected an int32 tensor")
+    if mapped.shape != ids.shape or mapped.dtype != torch.int32 or mapped.device != ids.device:
+        raise HookError(f"moe_core_map_expert_ids returned {list(mapped.shape)} {mapped.dtype} on {mapped.device}, "
+                        f"expected {list(ids.shape)} torch.int32 on {ids.device}")
+    if _values_checked(mapped) and mapped.numel():
+        if bool(((mapped < -1) | (mapped >= num_local_experts)).any()):
+            raise HookError(f"moe_core_map_expert_ids returned ids outside [-1, {num_local_experts})")
