@@ -1,28 +1,33 @@
 """The ``cuda`` backend (NVIDIA GPUs): import-light entry-point target.
 
-Runs the shared Triton kernel sequence; this module only describes the backend and
-probes the platform. Kernels are imported when a step first runs.
+Runs the shared Triton kernel sequence (:class:`moe_core.kernels.backend.TritonBackend`);
+this module only describes the backend and probes the platform. Triton and the kernels
+are imported when a step first runs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_core.backend import Backend
+from moe_core.kernels.backend import TritonBackend
 
 __all__ = ["CudaBackend"]
 
 
-class CudaBackend(Backend):
-    """NVIDIA CUDA through the shared Triton kernels."""
+class CudaBackend(TritonBackend):
+    """NVIDIA CUDA through the shared Triton kernels (TMA predicate: sm90+, fp8: sm89+)."""
 
     name = "cuda"
     platform = "cuda"
     priority = 100
+    fp8_dtype = torch.float8_e4m3fn
+    fp8_min_capability = (8, 9)
 
     def is_available(self) -> tuple[bool, str]:
         if getattr(torch.version, "hip", None):
             return False, f"torch is a ROCm build (HIP {torch.version.hip}); use the 'hip' backend"
         if not torch.cuda.is_available():
             return False, "torch sees no CUDA device"
-        return False, "the Triton kernel sequence is not built yet"
+        if torch.cuda.device_count() == 0:
+            return False, "torch reports CUDA but no device is visible (CUDA_VISIBLE_DEVICES?)"
+        return True, f"CUDA device {torch.cuda.get_device_name()}"

@@ -1,0 +1,175 @@
+"""The grouped-GEMM Triton kernel of SEMANTICS §3 (gemm1 and gemm2).
+
+``out[s, n] = Σ_k a[s // top_k, k] · w[e, n, k]`` (scales, bias, routed weight in the
+epilogue) for every slot ``s`` listed in ``sorted_token_ids`` whose block belongs to
+expert ``e = expert_ids[block]``; ``a`` [rows, K], ``w`` [E, N, K] (int4: [E, N, K/2]),
+``out`` [M·k, N]. One program computes a ``BLOCK_SIZE_M × BLOCK_SIZE_N`` tile of one block.
+
+Quantization modes (``QUANT``, a constexpr):
+
+====  =====================================================================================
+ 0    none: ``a`` and ``w`` in the compute dtype
+ 1    w8a8 per tensor / per token × per channel: ``acc · a_scale[row] · w_scale[e, n]``
+      (strides 0 where a scale is per tensor)
+ 2    w8a8 block ``[group_n, group_k]``: per K tile ``dot · a_scale[row, kg] · w_scale[e, n//gn, kg]``
+ 3    w8a16 per channel: int8 ``w`` cast to the compute dtype, ``acc · w_scale[e, n]``
+ 4    weight-only grouped int8 (uint8 storage): ``(q − zp) · scale`` per K group, zp default 128
+ 5    weight-only grouped int4 (packed along K, low nibble first): zp packed along N, default 8
+====  =====================================================================================
+
+Every offset that scales with tokens, slots, experts or program ids is int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["_grouped_gemm_kernel"]
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, out_ptr,
+    a_scale_ptr, w_scale_ptr, w_zp_ptr, bias_ptr, topk_weights_ptr,
+    sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+    N, K, EM, num_valid_tokens, top_k, weights_k,
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_om, stride_on,
+    stride_asm, stride_ask,
+    stride_wse, stride_wsn, stride_wsk,
+    stride_zpe, stride_zpn, stride_zpk,
+    stride_be, stride_bn,
+    stride_tw,
+    group_n, group_k,
+    QUANT: tl.constexpr,
+    HAS_ZP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    INT_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # -- program -> (pid_m, pid_n), grouped along M -------------------------------------
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # 1. blocks past the padded count do nothing (the count stays on the device)
+    num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+    if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
+        return
+
+    # 3./4. rows of this block: slots (int64), sentinel rows masked
+    offs_tid = pid_m.to(tl.int64) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
+    offs_token = tl.load(sorted_token_ids_ptr + offs_tid, mask=offs_tid < EM,
+                         other=num_valid_tokens).to(tl.int64)
+    token_mask = (offs_token >= 0) & (offs_token < num_valid_tokens)
+    offs_cn = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
+    out_ptrs = out_ptr + offs_token[:, None] * stride_om + offs_cn[None, :] * stride_on
+    out_mask = token_mask[:, None] & (offs_cn[None, :] < N)
+
+    # 2. expert -1 (filtered slots): zero rows, never touch w[-1]
+    off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if off_expert == -1:
+        zeros = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, zeros, mask=out_mask)
+        return
+
+    offs_bn = offs_cn % N                       # wrapped columns are computed, never stored
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_rows = a_ptr + (offs_token // top_k) * stride_am
+    w_base = w_ptr + off_expert * stride_we + offs_bn[None, :] * stride_wn
+    if QUANT == 1 or QUANT == 2:
+        a_scale_rows = a_scale_ptr + (offs_token // top_k) * stride_asm
+    if QUANT == 1 or QUANT == 3:
+        w_scale_cols = w_scale_ptr + off_expert * stride_wse + offs_bn * stride_wsn
+    if QUANT == 2:
+        w_scale_cols = w_scale_ptr + off_expert * stride_wse + (offs_bn // group_n) * stride_wsn
+
+    # 5. K loop, fp32 accumulation, K tail masked
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_idx = kb * BLOCK_SIZE_K + offs_k
+        k_mask = k_idx < K
+        a_mask = token_mask[:, None] & k_mask[None, :]
+        a_ptrs = a_rows[:, None] + k_idx[None, :] * stride_ak
+        if UPCAST:
+            # interpreter: no bf16/fp8 arithmetic on CPU, so cast every load to fp32 first
+            a = tl.where(a_mask, tl.load(a_ptrs, mask=a_mask).to(tl.float32), 0.0)
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if QUANT == 5:
+            wq = tl.load(w_base + (k_idx[:, None] // 2) * stride_wk, mask=k_mask[:, None], other=0)
+            wq = ((wq.to(tl.int32) >> ((k_idx[:, None] % 2) * 4)) & 0xF).to(tl.float32)
+        elif UPCAST:
+            wq = tl.where(k_mask[:, None],
+                          tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None]).to(tl.float32), 0.0)
+        else:
+            wq = tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None], other=0)
+        if QUANT == 4 or QUANT == 5:
+            # weight-only grouped: dequantize the tile before the dot
+            g_idx = k_idx[:, None] // group_k
+            scale = tl.load(w_scale_ptr + off_expert * stride_wse + offs_bn[None, :] * stride_wsn
+                            + g_idx * stride_wsk, mask=k_mask[:, None], other=0.0)
+            if HAS_ZP:
+                if QUANT == 5:
+                    zp = tl.load(w_zp_ptr + off_expert * stride_zpe + (offs_bn[None, :] // 2) * stride_zpn
+                                 + g_idx * stride_zpk, mask=k_mask[:, None], other=0)
+                    zp = ((zp.to(tl.int32) >> ((offs_bn[None, :] % 2) * 4)) & 0xF).to(tl.float32)
+                else:
+                    zp = tl.load(w_zp_ptr + off_expert * stride_zpe + offs_bn[None, :] * stride_zpn
+                                 + g_idx * stride_zpk, mask=k_mask[:, None], other=0).to(tl.float32)
+            else:
+                zp = 8.0 if QUANT == 5 else 128.0
+            wq = (wq.to(tl.float32) - zp) * scale
+        if UPCAST:
+            b = wq.to(tl.float32)
+        elif QUANT == 1 or QUANT == 2:
+            b = wq
+        else:
+            b = wq.to(a.dtype)
+        if INT_DOT:
+            part = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+        elif IEEE:
+            part = tl.dot(a, b, input_precision="ieee")
+        else:
+            part = tl.dot(a, b)
+        if QUANT == 2:
+            kg = (kb * BLOCK_SIZE_K) // group_k
+            a_s = tl.load(a_scale_rows + kg * stride_ask, mask=token_mask, other=0.0)
+            w_s = tl.load(w_scale_cols + kg * stride_wsk)
+            acc += part * a_s[:, None] * w_s[None, :]
+        else:
+            acc += part
+
+    # 6. scales after the loop
+    if QUANT == 1:
+        a_s = tl.load(a_scale_rows, mask=token_mask, other=0.0)
+        w_s = tl.load(w_scale_cols)
+        acc = acc * a_s[:, None] * w_s[None, :]
+    if QUANT == 3:
+        w_s = tl.load(w_scale_cols)
+        acc = acc * w_s[None, :]
+    # 7. bias
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + off_expert * stride_be + offs_bn * stride_bn).to(tl.float32)
+        acc = acc + bias[None, :]
+    # 8. routed weight of the slot (topk_weights [M, weights_k], row stride stride_tw)
+    if MUL_ROUTED_WEIGHT:
+        tw = tl.load(topk_weights_ptr + (offs_token // weights_k) * stride_tw + offs_token % weights_k,
+                     mask=token_mask, other=0.0)
+        acc = acc * tw[:, None]
+    # 9./10. cast once, store the slot rows
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -1,0 +1,179 @@
+"""``grouped_gemm``: the public wrapper of the grouped-GEMM kernel (SEMANTICS §3).
+
+Check → launch (the output is the caller's; nothing is allocated here). Grid:
+``cdiv(len(sorted_token_ids), BLOCK_SIZE_M) · cdiv(N_out, BLOCK_SIZE_N)``, static, so the
+launch is CUDA-graph safe; ``num_tokens_post_padded`` stays on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moe_core.errors import MoEInputError, MoETypeError
+
+if TYPE_CHECKING:
+    from moe_core.spec import QuantSpec
+
+__all__ = ["grouped_gemm", "quant_mode", "LAUNCH_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+#: config keys the kernel launch takes (everything else is data for the resolver)
+LAUNCH_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2")
+             if hasattr(torch, n))
+
+
+def quant_mode(quant: QuantSpec) -> int:
+    """The kernel's ``QUANT`` constexpr for ``quant`` (see :mod:`moe_core.kernels._gemm`)."""
+    if quant.scheme == "none":
+        return 0
+    if quant.is_w8a8:
+        return 2 if quant.is_block else 1
+    if quant.scheme == "int8_w8a16":
+        return 3 if quant.group_size is None else 4
+    return 5  # int4_w4a16
+
+
+def _strides(t: torch.Tensor | None, n: int) -> list[int]:
+    """``n`` strides of ``t``: size-1 (broadcast) dims and missing dims give 0."""
+    if t is None:
+        return [0] * n
+    out = [t.stride(i) if i < t.dim() and t.shape[i] != 1 else 0 for i in range(n)]
+    return out
+
+
+def _is_interpreter(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _check(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, mode: int, quant: QuantSpec,
+           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None) -> None:
+    if a.dim() != 2 or w.dim() != 3 or out.dim() != 2:
+        raise MoEInputError(f"grouped_gemm: expected a [rows, K], w [E, N_out, K], out [S, N_out]; got "
+                            f"a {list(a.shape)}, w {list(w.shape)}, out {list(out.shape)}")
+    pack = 2 if mode == 5 else 1
+    if w.shape[2] * pack != a.shape[1]:
+        raise MoEInputError(f"grouped_gemm: w: expected K = a.shape[1] = {a.shape[1]}"
+                            f"{' (packed: K/2 bytes)' if pack == 2 else ''}, got w {list(w.shape)}")
+    if out.shape[1] != w.shape[1]:
+        raise MoEInputError(f"grouped_gemm: out: expected N_out = w.shape[1] = {w.shape[1]} columns, "
+                            f"got {list(out.shape)}")
+    if a.shape[1] and a.stride(1) != 1 and a.shape[0] > 1:
+        raise MoEInputError(f"grouped_gemm: a: the last dim must be contiguous, got strides {a.stride()}")
+    if mode in (1, 2) and a_scale is None:
+        raise MoEInputError(f"grouped_gemm: scheme {quant.scheme!r} needs an activation scale, got None")
+    if mode and w_scale is None:
+        raise MoEInputError(f"grouped_gemm: scheme {quant.scheme!r} needs a weight scale, got None")
+    if mode == 0 and a.dtype != w.dtype:
+        raise MoETypeError(f"grouped_gemm: w: expected {a.dtype} (the dtype of a), got {w.dtype}")
+    if mode in (1, 2) and (a.dtype in _FP8) != (w.dtype in _FP8):
+        raise MoETypeError(f"grouped_gemm: w8a8 needs a and w both fp8 or both int8, got {a.dtype} and {w.dtype}")
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
+                 a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, w_zp: torch.Tensor | None,
+                 bias: torch.Tensor | None, topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor,
+                 expert_ids: torch.Tensor, num_tokens_post_padded: torch.Tensor, top_k: int,
+                 mul_routed_weight: bool, quant: QuantSpec, config: dict[str, Any]) -> torch.Tensor:
+    """``out[s] = (a[s // top_k] @ w[e]ᵀ)·scales + bias (· topk_weights[s])`` for every slot
+    ``s`` of a block of expert ``e``; rows of ``-1`` blocks are written as zeros.
+
+    :param a: [rows, K] input (``x`` for gemm1, ``act`` for gemm2; fp8/int8 for w8a8); rows may be strided.
+    :param w: [E, N_out, K] weights (int4: [E, N_out, K/2] uint8); any strides.
+    :param out: [S, N_out] output, S = M·k; every valid slot row is written (mutated).
+    :param a_scale: w8a8 activation scale: numel 1, [rows, 1] or block [rows, ⌈K/bk⌉].
+    :param w_scale: weight scale in the layout of SEMANTICS §4.1.
+    :param w_zp: optional zero points (grouped weight-only).
+    :param bias: optional [E, N_out] bias in the compute dtype.
+    :param topk_weights: [M, k] fp32, ``stride(1) == 1``; read only when ``mul_routed_weight``.
+    :param sorted_token_ids: [P] int32 slots grouped by expert, sentinel ``S``.
+    :param expert_ids: [cdiv(P, BLOCK_SIZE_M)] int32 expert of each block (``-1``: filtered).
+    :param num_tokens_post_padded: [1] int32 on the device.
+    :param top_k: slots per row of ``a`` (k for gemm1, 1 for gemm2).
+    :param mul_routed_weight: multiply each row by its slot's routed weight.
+    :param quant: the :class:`~moe_core.spec.QuantSpec`.
+    :param config: launch config (``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``, ``num_stages``).
+    :returns: ``out``.
+    """
+    import triton
+
+    from moe_core.kernels._gemm import _grouped_gemm_kernel
+
+    mode = quant_mode(quant)
+    _check(a, w, out, mode, quant, a_scale, w_scale)
+    S, N = out.shape
+    K = a.shape[1]
+    EM = sorted_token_ids.shape[0]
+    if S == 0 or EM == 0 or N == 0:
+        return out
+    BM, BN, BK = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    group_n = group_k = 0
+    if mode == 2:
+        group_n, group_k = quant.block_shape
+        if group_k % BK:
+            raise MoEInputError(f"grouped_gemm: config: BLOCK_SIZE_K = {BK} must divide the block "
+                                f"quantization's bk = {group_k}")
+    elif mode in (4, 5):
+        group_k = quant.group_size
+    if mode == 5 and K % 2:
+        raise MoEInputError(f"grouped_gemm: int4 weights need an even K, got K = {K}")
+    if expert_ids.shape[0] < triton.cdiv(EM, BM):
+        raise MoEInputError(f"grouped_gemm: expert_ids: expected >= cdiv({EM}, BLOCK_SIZE_M={BM}) blocks, "
+                            f"got {expert_ids.shape[0]}; the alignment used another BLOCK_SIZE_M")
+
+    interp = _is_interpreter(a)
+    # the interpreter has no bf16 or fp8 arithmetic: such loads are cast to fp32 (IEEE dots)
+    upcast = interp and (out.dtype == torch.bfloat16 or a.dtype in _FP8 or w.dtype in _FP8)
+    int_dot = mode in (1, 2) and a.dtype == torch.int8 and not upcast
+    ieee = out.dtype == torch.float32 or upcast
+
+    if mode in (1, 2):
+        a_s = a_scale
+        a_strides = [0, 0] if a_s.numel() == 1 else _strides(a_s, 2)
+    else:
+        a_s, a_strides = None, [0, 0]
+    if mode == 1:
+        ws_strides = [w_scale.stride(0) if w_scale.shape[0] != 1 else 0, 0, 0]
+        if w_scale.numel() != w_scale.shape[0]:          # per channel: [E, N_out(, 1)]
+            ws_strides[1] = w_scale.stride(1)
+    else:
+        ws_strides = _strides(w_scale, 3)
+    zp_strides = _strides(w_zp, 3)
+    b_strides = _strides(bias, 2)
+    grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
+    extra = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
+    dummy = out
+    _grouped_gemm_kernel[grid](
+        a, w, out,
+        a_s if a_s is not None else dummy, w_scale if w_scale is not None else dummy,
+        w_zp if w_zp is not None else dummy, bias if bias is not None else dummy, topk_weights,
+        sorted_token_ids, expert_ids, num_tokens_post_padded,
+        N, K, EM, S, top_k, topk_weights.shape[1],
+        a.stride(0), a.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        out.stride(0), out.stride(1),
+        a_strides[0], a_strides[1],
+        ws_strides[0], ws_strides[1], ws_strides[2],
+        zp_strides[0], zp_strides[1], zp_strides[2],
+        b_strides[0], b_strides[1],
+        topk_weights.stride(0),
+        group_n, group_k,
+        QUANT=mode,
+        HAS_ZP=w_zp is not None,
+        HAS_BIAS=bias is not None,
+        MUL_ROUTED_WEIGHT=bool(mul_routed_weight),
+        INT_DOT=int_dot,
+        UPCAST=upcast,
+        IEEE=ieee,
+        BLOCK_SIZE_M=BM,
+        BLOCK_SIZE_N=BN,
+        BLOCK_SIZE_K=BK,
+        GROUP_SIZE_M=config.get("GROUP_SIZE_M", 1),
+        **extra,
+    )
+    return out
