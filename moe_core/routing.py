@@ -44,14 +44,20 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
     if scoring_func not in SCORING_FUNCS:
         raise MoEInputError(f"scoring_func: expected one of {SCORING_FUNCS}, got {scoring_func!r}")
     logits = router_logits.float()
-    logits = torch.where(torch.isnan(logits), torch.full_like(logits, float("-inf")), logits)
+    # NaN is the lowest score; +inf the highest finite one (so softmax gives no inf - inf = NaN)
+    big = torch.finfo(torch.float32).max
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
     scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
     scores = torch.nan_to_num(scores, nan=0.0)                 # rows of only -inf
     choice = scores
     if correction_bias is not None:
-        if correction_bias.shape != (E,):
-            raise MoEInputError(f"correction_bias: expected shape [{E}], got {list(correction_bias.shape)}")
-        choice = scores + correction_bias.float().unsqueeze(0)
+        if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (E,):
+            raise MoEInputError(f"correction_bias: expected a tensor of shape [{E}], got "
+                                f"{list(correction_bias.shape) if isinstance(correction_bias, torch.Tensor) else type(correction_bias).__name__}")
+        if correction_bias.device != router_logits.device:
+            raise MoEInputError(f"correction_bias: expected device {router_logits.device}, got {correction_bias.device}")
+        bias = torch.nan_to_num(correction_bias.float(), nan=0.0)
+        choice = scores + bias.unsqueeze(0)
     if num_expert_group is not None or topk_group is not None:
         if num_expert_group is None or topk_group is None:
             raise MoEInputError("num_expert_group and topk_group: pass both for grouped routing, "
@@ -60,6 +66,9 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
             raise MoEInputError(f"num_expert_group: must divide E = {E}, got {num_expert_group}")
         if not 1 <= topk_group <= num_expert_group:
             raise MoEInputError(f"topk_group: expected 1..{num_expert_group}, got {topk_group}")
+        if top_k > topk_group * (E // num_expert_group):
+            raise MoEInputError(f"top_k: expected <= topk_group·(E/num_expert_group) = "
+                                f"{topk_group * (E // num_expert_group)} experts in the kept groups, got {top_k}")
         grouped = choice.view(M, num_expert_group, E // num_expert_group)
         if correction_bias is not None:
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)

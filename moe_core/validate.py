@@ -52,12 +52,54 @@ def _values_checked(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or envs.debug()
 
 
+def _check_scale_tensors(quant: QuantSpec, device: torch.device) -> None:
+    """Types, dtypes and devices of the scale / zero-point tensors, and scheme consistency.
+
+    The named constructors of :class:`QuantSpec` check most of this already; a spec built
+    with the plain attrs ``__init__`` reaches here unchecked, so nothing is assumed.
+    """
+    names = ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "w1_zp", "w2_zp")
+    if not quant.is_quantized:
+        for name in names:
+            if getattr(quant, name) is not None:
+                raise MoEInputError(f"{name}: a scale was given but the quantization scheme is 'none'")
+        if quant.per_channel or quant.block_shape is not None or quant.group_size is not None:
+            raise MoEInputError("quant: per_channel / block_shape / group_size given but the "
+                                "quantization scheme is 'none'")
+        return
+    for name in ("w1_scale", "w2_scale"):
+        if getattr(quant, name) is None:
+            raise MoEInputError(f"{name}: scheme {quant.scheme!r} needs a weight scale tensor, got None")
+    if quant.is_w8a8 and quant.per_channel and quant.block_shape is not None:
+        raise MoEInputError("quant: per_channel=True and block_shape are two schemes; pass one of them")
+    if quant.is_weight_only:
+        for name in ("a1_scale", "a2_scale"):
+            if getattr(quant, name) is not None:
+                raise MoEInputError(f"{name}: {quant.scheme} keeps 16-bit activations; an activation "
+                                    "scale belongs to a w8a8 scheme")
+        if quant.block_shape is not None or quant.per_channel:
+            raise MoEInputError(f"quant: {quant.scheme} takes group_size, not per_channel / block_shape")
+        if quant.scheme == "int4_w4a16" and quant.group_size is None:
+            raise MoEInputError("group_size: int4_w4a16 needs a group size, got None")
+        if quant.group_size is None and quant.w1_zp is not None:
+            raise MoEInputError("w1_zp: per-channel int8_w8a16 has no zero points; pass group_size")
+    elif quant.group_size is not None or quant.w1_zp is not None or quant.w2_zp is not None:
+        raise MoEInputError(f"quant: group_size / zero points belong to weight-only schemes, not {quant.scheme}")
+    for name in names:
+        t = getattr(quant, name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise MoETypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if "zp" not in name and t.dtype != torch.float32:
+            raise MoETypeError(f"{name}: expected dtype torch.float32, got {t.dtype}")
+        if t.device != device:
+            raise MoEInputError(f"{name}: expected device {device} (the device of x), got {t.device}")
+
+
 def _check_scales(quant: QuantSpec, E: int, N: int, H: int, I: int, M: int, k: int) -> None:
     """Scale layouts of SEMANTICS §4.1 for both GEMMs (gemm1: N_out=N, K=H; gemm2: N_out=H, K=I)."""
     if not quant.is_quantized:
-        for name in ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "w1_zp", "w2_zp"):
-            if getattr(quant, name) is not None:
-                raise MoEInputError(f"{name}: a scale was given but the quantization scheme is 'none'")
         return
     for which, n_out, K, rows in ((1, N, H, M), (2, H, I, M * k)):
         ws = getattr(quant, f"w{which}_scale")
@@ -73,8 +115,9 @@ def _check_scales(quant: QuantSpec, E: int, N: int, H: int, I: int, M: int, k: i
                 raise MoEInputError(f"{name}: per-channel scales must be [E, N_out] = [{E}, {n_out}] "
                                     f"or [E, N_out, 1], got {list(_shape(ws))}")
         elif quant.is_w8a8:
-            if _shape(ws) not in ((E,), (E, 1), (E, 1, 1)) and ws.numel() != E:
-                raise MoEInputError(f"{name}: per-tensor scales must be [E] = [{E}], got {list(_shape(ws))}")
+            if _shape(ws) not in ((E,), (E, 1), (E, 1, 1)):
+                raise MoEInputError(f"{name}: per-tensor scales must be [E] = [{E}] (one per expert), got "
+                                    f"{list(_shape(ws))}; per-channel scales need per_channel=True")
         else:  # grouped weight-only
             g = quant.group_size
             if K % g:
@@ -170,6 +213,9 @@ def check_forward(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.T
             raise MoEInputError(f"{name}: expected shape [E, {rows}] = [{E}, {rows}], got {list(_shape(b))}")
         if b.dtype != x.dtype:
             raise MoETypeError(f"{name}: expected the compute dtype {x.dtype}, got {b.dtype}")
+        if b.device != x.device:
+            raise MoEInputError(f"{name}: expected device {x.device} (the device of x), got {b.device}")
+    _check_scale_tensors(quant, x.device)
     _check_scales(quant, E, N, H, I, M, k)
     if inplace and no_combine:
         raise MoEInputError("inplace=True and no_combine=True: no_combine returns [M, k, H], "
@@ -177,21 +223,83 @@ def check_forward(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.T
     if inplace and x.requires_grad:
         raise MoEInputError("x: inplace=True on a tensor that requires grad")
     if out is not None:
-        _need_tensor("out", out)
-        if _shape(out) != (M, H) or out.dtype != x.dtype or out.device != x.device:
-            raise MoEInputError(f"out: expected [{M}, {H}] {x.dtype} on {x.device}, got "
-                                f"{list(_shape(out))} {out.dtype} on {out.device}")
-        for name, t in (("x", x), ("w1", w1), ("w2", w2), ("topk_weights", topk_weights)):
-            if out.numel() and t.numel() and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-                raise MoEInputError(f"out: aliases {name}; pass a separate buffer (or inplace=True for x)")
+        _check_out(out, x, weights, topk_weights, topk_ids, inplace=inplace, no_combine=no_combine)
     if hooks.any and not backend.accepts_hooks:
         raise MoEInputError(f"hooks: backend {backend.name!r} takes no hooks, but hooks are registered")
+    if layer.expert_map is not None:
+        _check_expert_map(layer, x.device)
+    if n_valid is not None:
+        _check_n_valid(n_valid, M)
     if M and _values_checked(topk_ids):
         _check_id_values(topk_ids, topk_weights, layer, n_valid)
 
 
+def _check_out(out: object, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
+               topk_ids: torch.Tensor, *, inplace: bool, no_combine: bool) -> None:
+    """``out=``: [M, H] in the dtype and on the device of ``x``, aliasing no input."""
+    out = _need_tensor("out", out)
+    M, H = x.shape
+    if no_combine:
+        raise MoEInputError("out: no_combine returns a new [M, k, H] tensor; out= takes an [M, H] "
+                            "buffer and cannot be combined with no_combine=True")
+    if inplace:
+        raise MoEInputError("out: inplace=True writes into x; pass out= or inplace=True, not both")
+    if _shape(out) != (M, H) or out.dtype != x.dtype or out.device != x.device:
+        raise MoEInputError(f"out: expected [{M}, {H}] {x.dtype} on {x.device}, got "
+                            f"{list(_shape(out))} {out.dtype} on {out.device}")
+    quant = weights.quant
+    inputs = (("x", x), ("w1", weights.w1), ("w2", weights.w2), ("b1", weights.b1), ("b2", weights.b2),
+              ("topk_weights", topk_weights), ("topk_ids", topk_ids),
+              *((name, getattr(quant, name)) for name in ("w1_scale", "w2_scale", "a1_scale", "a2_scale",
+                                                          "w1_zp", "w2_zp")))
+    if not out.numel():
+        return
+    ptr = out.untyped_storage().data_ptr()
+    for name, t in inputs:
+        if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() == ptr:
+            raise MoEInputError(f"out: shares memory with {name}; pass a separate buffer"
+                                f"{' (or inplace=True to write into x)' if name == 'x' else ''}")
+
+
+def _check_n_valid(n_valid: int | torch.Tensor, M: int) -> None:
+    if isinstance(n_valid, torch.Tensor):
+        if n_valid.numel() != 1 or n_valid.dtype.is_floating_point or n_valid.dtype == torch.bool:
+            raise MoETypeError(f"n_valid: expected an int or a one-element integer tensor, got "
+                               f"{list(n_valid.shape)} {n_valid.dtype}")
+        if not _values_checked(n_valid):
+            return
+        value = int(n_valid.reshape(()))
+    elif isinstance(n_valid, bool) or not isinstance(n_valid, int):
+        raise MoETypeError(f"n_valid: expected an int or a one-element integer tensor, got {type(n_valid).__name__}")
+    else:
+        value = n_valid
+    if not 0 <= value <= M:
+        raise MoEInputError(f"n_valid: expected 0 <= n_valid <= M = {M}, got {value}")
+
+
+def _check_expert_map(layer: MoELayer, device: torch.device) -> None:
+    """The explicit global -> local table: int32 [E_g], values in [-1, E), no duplicate local id."""
+    table = layer.expert_map
+    E_g, E = layer.num_experts, layer.num_local_experts
+    if table.dim() != 1 or table.shape[0] != E_g:
+        raise MoEInputError(f"expert_map: expected a 1-D table of length num_experts = {E_g}, "
+                            f"got shape {list(_shape(table))}")
+    if table.dtype != torch.int32:
+        raise MoETypeError(f"expert_map: expected dtype torch.int32, got {table.dtype}")
+    if not _values_checked(table):
+        return
+    if bool(((table < -1) | (table >= E)).any()):
+        bad = table[(table < -1) | (table >= E)][0]
+        raise MoEInputError(f"expert_map: values must lie in [-1, {E}) (num_local_experts), got {int(bad)}")
+    used = table[table >= 0]
+    if used.unique().numel() != used.numel():
+        raise MoEInputError("expert_map: two global ids map to the same local id; each local expert "
+                            "must appear at most once")
+
+
 def _check_id_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: MoELayer,
                      n_valid: int | torch.Tensor | None) -> None:
+    """Id range ``[-1, E_g)`` and finite weights of valid slots, in rows ``< n_valid``."""
     rows = topk_ids.shape[0] if n_valid is None else int(n_valid)
     ids = topk_ids[:rows]
     upper = layer.num_experts if layer.num_experts is not None else None

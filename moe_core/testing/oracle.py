@@ -112,13 +112,15 @@ def oracle_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights
                b1: torch.Tensor | None = None, b2: torch.Tensor | None = None,
                apply_router_weight_on_input: bool = False, routed_scaling_factor: float | None = None,
                no_combine: bool = False, quant=None, expert_map: torch.Tensor | None = None,
-               round_intermediate: torch.dtype | None = None) -> torch.Tensor:
+               round_intermediate: torch.dtype | None = None,
+               fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     """The MoE forward in float64, one expert at a time.
 
     ``topk_ids`` are *local* ids after mapping unless ``expert_map`` (global -> local) is
     given; ``-1`` slots contribute nothing. ``quant`` is a :class:`moe_core.QuantSpec`
-    (only its fields are read). ``round_intermediate`` rounds ``gate_up`` and ``act`` to
-    that dtype, as a kernel storing them in the compute dtype does.
+    (only its fields are read). ``round_intermediate`` rounds ``gate_up``, ``act`` and
+    ``down`` to that dtype, as a kernel storing them in the compute dtype does.
+    ``fp8_dtype`` is the activation fp8 type of fp8 w8a8 (``float8_e4m3fnuz`` on gfx942).
     :returns: float64 [M, H] (or [M, k, H] unweighted with ``no_combine``).
     """
     M, k = topk_ids.shape
@@ -140,7 +142,7 @@ def oracle_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights
         static = getattr(quant, f"a{which}_scale")
         return oracle_quantize_activation(
             a, scheme, static_scale=None if static is None else static.cpu(), per_channel=quant.per_channel,
-            block_k=quant.block_shape[1] if quant.block_shape else None)
+            block_k=quant.block_shape[1] if quant.block_shape else None, fp8_dtype=fp8_dtype)
 
     def weight(w: torch.Tensor, e: int, which: int) -> torch.Tensor:
         if quant is None:
@@ -181,6 +183,8 @@ def oracle_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights
             y = y + b2[e].double().cpu()
         if not (apply_router_weight_on_input or no_combine):
             y = y * weights[m_idx, j_idx].unsqueeze(1)
+        if round_intermediate is not None:
+            y = y.to(round_intermediate).double()
         down[m_idx, j_idx] = y
     if no_combine:
         return down

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TOLERANCES", "tolerance_for", "normalized_errors", "assert_close_normalized"]
+__all__ = ["TOLERANCES", "QUANT_TOLERANCES", "tolerance_for", "quant_tolerance_key", "normalized_errors",
+           "assert_close_normalized", "assert_close_quant"]
 
 #: path -> (maxtol, rmstol); see TESTING.md §2
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -17,6 +18,62 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "lora": (1e-2, 1e-2),
     "lora_rank128": (2e-2, 2e-2),
 }
+
+
+#: quantized path -> rule of TESTING.md §2. ``atol``/``rtol`` apply to outputs divided by
+#: ``max|ref|`` (so they mean the same whatever the data scale); ``maxtol`` is the
+#: normalised max error; ``mean_rel`` bounds ``mean|out − ref| / mean|ref|``.
+QUANT_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp8_block": {"atol": 3.5e-2, "rtol": 3.5e-2},
+    "fp8_block_large_m": {"atol": 3.9e-2, "rtol": 3.9e-2},       # M >= 8192
+    "fp8": {"maxtol": 1e-1, "mean_rel": 3e-2},                    # per-tensor, per-token × per-channel
+    "int8_w8a8_block": {"atol": 6.5e-2, "rtol": 6.5e-2},
+    "int8_w8a8": {"maxtol": 1e-1, "mean_rel": 3e-2},              # not in the table: as fp8 per-tensor
+    "weight_only": {"atol": 2e-2, "rtol": 0.0},                   # int8 / int4, vs dequantized weights
+}
+
+
+def quant_tolerance_key(quant: Any, M: int = 0) -> str:
+    """The :data:`QUANT_TOLERANCES` key of a :class:`moe_core.QuantSpec` at batch ``M``."""
+    scheme = quant.scheme
+    if scheme in ("int8_w8a16", "int4_w4a16"):
+        return "weight_only"
+    if scheme == "fp8_w8a8":
+        if quant.is_block:
+            return "fp8_block_large_m" if M >= 8192 else "fp8_block"
+        return "fp8"
+    if scheme == "int8_w8a8":
+        return "int8_w8a8_block" if quant.is_block else "int8_w8a8"
+    raise KeyError(f"no quantized tolerance for scheme {scheme!r}")
+
+
+def assert_close_quant(out: torch.Tensor, ref: torch.Tensor, quant: Any, **context: Any) -> None:
+    """Fail unless ``out`` matches ``ref`` under the quantized rule of ``quant`` (TESTING.md §2).
+
+    Also fails on the conditions of :func:`assert_close_normalized` (NaN, infinities,
+    all-zero output against a non-zero reference).
+    """
+    M = out.shape[0] if out.dim() else 0
+    key = quant_tolerance_key(quant, M)
+    rule = QUANT_TOLERANCES[key]
+    assert_close_normalized(out, ref, rule.get("maxtol", math.inf), math.inf, rule=key, **context)
+    o = out.detach().double().cpu()
+    r = ref.detach().double().cpu()
+    if r.numel() == 0 or r.abs().max() == 0:
+        return
+    scale = r.abs().max()
+    if "atol" in rule:
+        on, rn = o / scale, r / scale
+        bad = (on - rn).abs() > rule["atol"] + rule["rtol"] * rn.abs()
+        if bad.any():
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise AssertionError(f"{int(bad.sum())} elements outside atol={rule['atol']}, rtol={rule['rtol']} "
+                                 f"(normalised by max|ref| = {scale:.3e}); first at {where}: out {o[where]:.6g} vs "
+                                 f"ref {r[where]:.6g}; rule {key}; {context}")
+    if "mean_rel" in rule:
+        mean_rel = ((o - r).abs().mean() / r.abs().mean()).item()
+        assert mean_rel < rule["mean_rel"], (f"mean relative error {mean_rel:.3e} >= {rule['mean_rel']}; "
+                                             f"rule {key}; {context}")
 
 
 def tolerance_for(dtype: torch.dtype | str) -> tuple[float, float]:
