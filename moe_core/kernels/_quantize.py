@@ -1,0 +1,105 @@
+"""Triton kernels of w8a8 activation quantization; the wrapper is :mod:`.quantize`.
+
+Same math and rounding as :func:`moe_core.quant.quantize_activation`:
+``scale = max(amax, EPS) / qmax`` (IEEE division), ``q = a / scale`` (IEEE division);
+int8 rounds half to even, then clamps to [-128, 127]; fp8 clamps to ±qmax, then the cast
+rounds to nearest even.
+
+- ``_amax_partial_kernel``: per-program partial amax of the whole tensor (launch 1 of
+  dynamic per-tensor; grid-strided, so the number of partials is static);
+- ``_quant_kernel``: quantize with a per-tensor scale (static, or reduced from the
+  partials: launch 2, program (0, 0) stores it) or a static per-row scale;
+- ``_quant_group_kernel``: dynamic per token group (per token = one group of K).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["_amax_partial_kernel", "_quant_kernel", "_quant_group_kernel"]
+
+
+@triton.jit
+def _to_q(x, qmax, IS_INT8: tl.constexpr):
+    """fp32 ``x`` (already divided by its scale) -> the pre-cast quantized value (fp32)."""
+    if IS_INT8:
+        r = tl.floor(x + 0.5)
+        tie = (r - x) == 0.5
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        r = tl.where(tie & odd, r - 1.0, r)                  # round half to even
+        y = tl.minimum(tl.maximum(r, -128.0), 127.0)
+    else:
+        y = tl.minimum(tl.maximum(x, -qmax), qmax)
+    return y
+
+
+@triton.jit
+def _amax_partial_kernel(a_ptr, partial_ptr, rows, K, stride_ar, num_programs,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    r_lane = tl.arange(0, BLOCK_R).to(tl.int64)
+    k_lane = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for r0 in range(pid * BLOCK_R, rows, num_programs * BLOCK_R):
+        r = r0 + r_lane
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + k_lane
+            m = (r < rows)[:, None] & (kk < K)[None, :]
+            v = tl.load(a_ptr + r[:, None] * stride_ar + kk[None, :], mask=m, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(v))
+    tl.store(partial_ptr + pid, tl.max(tl.max(acc, 1), 0))
+
+
+@triton.jit
+def _quant_kernel(a_ptr, q_ptr, scale_ptr, scale_out_ptr, partial_ptr, n_partial, rows, K,
+                  stride_ar, stride_qr, qmax, eps,
+                  MODE: tl.constexpr, IS_INT8: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """MODE 0: static per-tensor scale; 1: static per-row scale [rows, 1]; 2: dynamic per-tensor."""
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    row_ok = r < rows
+    m = row_ok[:, None] & (kk < K)[None, :]
+    a = tl.load(a_ptr + r[:, None] * stride_ar + kk[None, :], mask=m, other=0.0).to(tl.float32)
+    if MODE == 0:
+        s = tl.load(scale_ptr)
+        x = tl.math.div_rn(a, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32) + s)
+    elif MODE == 1:
+        s_row = tl.load(scale_ptr + r, mask=row_ok, other=1.0)
+        x = tl.math.div_rn(a, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32) + s_row[:, None])
+    else:
+        p = tl.arange(0, BLOCK_P)
+        amax = tl.max(tl.load(partial_ptr + p, mask=p < n_partial, other=0.0), 0)
+        s = tl.math.div_rn(tl.maximum(amax, eps), qmax)
+        tl.store(scale_out_ptr, s, mask=(pid_r == 0) & (pid_k == 0))
+        x = tl.math.div_rn(a, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32) + s)
+    y = _to_q(x, qmax, IS_INT8)
+    tl.store(q_ptr + r[:, None] * stride_qr + kk[None, :], y.to(q_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _quant_group_kernel(a_ptr, q_ptr, scale_out_ptr, rows, K, group_k, stride_ar, stride_qr, stride_sr,
+                        qmax, eps, IS_INT8: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, group): ``scale[row, g] = max(amax(a[row, g·gk:(g+1)·gk]), EPS) / qmax``."""
+    row = tl.program_id(0).to(tl.int64)
+    grp = tl.program_id(1).to(tl.int64)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    k_first = grp * group_k
+    src = a_ptr + row * stride_ar
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, group_k, BLOCK):
+        kk = k_first + off + lane
+        m = (off + lane < group_k) & (kk < K)
+        acc = tl.maximum(acc, tl.abs(tl.load(src + kk, mask=m, other=0.0).to(tl.float32)))
+    s = tl.math.div_rn(tl.maximum(tl.max(acc, 0), eps), qmax)
+    tl.store(scale_out_ptr + row * stride_sr + grp, s)
+    s_vec = tl.zeros([BLOCK], dtype=tl.float32) + s
+    for off in range(0, group_k, BLOCK):
+        kk = k_first + off + lane
+        m = (off + lane < group_k) & (kk < K)
+        a = tl.load(src + kk, mask=m, other=0.0).to(tl.float32)
+        y = _to_q(tl.math.div_rn(a, s_vec), qmax, IS_INT8)
+        tl.store(q_ptr + row * stride_qr + kk, y.to(q_ptr.dtype.element_ty), mask=m)

@@ -1,0 +1,82 @@
+"""``moe_align_block_size`` as Triton kernels: check, allocate (static sizes), launch.
+
+Same contract as :func:`moe_core.align.moe_align_block_size_torch` (SEMANTICS §6); the
+order of slots within a bucket is ascending here too (exact per-chunk ranks instead of
+atomics), so the output equals the torch reference. Two launches up to
+``SCATTER_INLINE_MAX`` slots, three above (the scatter gets its own grid). Works for any
+number of experts (no single-block scan limit: the bucket scan is a Triton ``cumsum``
+over ``E + 2`` rounded to a power of two lanes). No host sync.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+
+from moe_core.align import _check, padded_capacity
+from moe_core.kernels._align import _align_count_kernel, _align_scan_kernel, _align_scatter_kernel
+
+__all__ = ["moe_align_block_size_triton", "SCATTER_INLINE_MAX"]
+
+logger = logging.getLogger(__name__)
+
+#: above this many slots the scatter runs as a third, grid-parallel launch
+SCATTER_INLINE_MAX = 16384
+#: slots ranked per inner step (a BLOCK_T × BLOCK_T comparison)
+_BLOCK_T = 64
+#: target number of chunks (programs of the count launch) for large inputs
+_MAX_CHUNKS = 128
+
+
+def _chunk_size(numel: int) -> int:
+    """Slots per chunk: 1024, grown (power of two) so at most ``_MAX_CHUNKS`` chunks exist."""
+    return max(1024, triton.next_power_of_2(triton.cdiv(numel, _MAX_CHUNKS)))
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
+                                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group slots by expert, each group padded to ``block_m`` (SEMANTICS §6).
+
+    :param topk_ids: [M, k] int32 local ids in ``[-1, E)``; other values are treated as ``-1``.
+    :param block_m: ``BLOCK_SIZE_M`` of the grouped GEMM.
+    :param num_experts: local experts ``E``.
+    :returns: ``sorted_token_ids`` int32 [P] (sentinel ``M·k``), ``expert_ids`` int32
+        [cdiv(P, block_m)] (``-1`` for the ``-1`` bucket and past the count),
+        ``num_tokens_post_padded`` int32 [1]; all new device tensors.
+    """
+    _check(topk_ids, block_m, num_experts)
+    device = topk_ids.device
+    ids = topk_ids.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    numel = ids.numel()
+    P = padded_capacity(numel, block_m, num_experts)
+    num_blocks = triton.cdiv(P, block_m)
+    sorted_ids = torch.empty((P,), dtype=torch.int32, device=device)
+    expert_ids = torch.empty((num_blocks,), dtype=torch.int32, device=device)
+    n_post = torch.empty((1,), dtype=torch.int32, device=device)
+    if numel == 0:
+        expert_ids.fill_(-1)
+        n_post.zero_()
+        return sorted_ids, expert_ids, n_post
+    e1_pad = triton.next_power_of_2(num_experts + 2)         # buckets 0..E plus one unused bin
+    chunk = _chunk_size(numel)
+    num_chunks = triton.cdiv(numel, chunk)
+    rank = torch.empty((numel,), dtype=torch.int32, device=device)
+    table = torch.empty((num_chunks, e1_pad), dtype=torch.int32, device=device)
+    scan_warps = 4 if e1_pad <= 1024 else 8
+    _align_count_kernel[(num_chunks,)](
+        ids, rank, table, sorted_ids, numel, num_experts, P, chunk, num_chunks,
+        E1_PAD=e1_pad, BLOCK_T=_BLOCK_T, BLOCK_P=1024, num_warps=4)
+    inline = numel <= SCATTER_INLINE_MAX
+    _align_scan_kernel[(1,)](
+        ids, rank, table, sorted_ids, expert_ids, n_post, numel, num_experts, block_m, num_chunks,
+        num_blocks, chunk, E1_PAD=e1_pad, BLOCK_T=_BLOCK_T, BLOCK_B=1024, SCATTER=inline,
+        num_warps=scan_warps)
+    if not inline:
+        _align_scatter_kernel[(num_chunks,)](
+            ids, rank, table, sorted_ids, numel, num_experts, chunk, E1_PAD=e1_pad, BLOCK_T=_BLOCK_T,
+            num_warps=4)
+    return sorted_ids, expert_ids, n_post
