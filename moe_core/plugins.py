@@ -9,20 +9,30 @@ Two entry-point groups, never renamed:
   runner's manager starts from.
 
 Loading is lazy (first use), once per process, one entry point at a time in a fixed
-order (group, name, distribution); a failure is recorded with its traceback, warned
-once, and skipped — unless ``MOE_CORE_STRICT_PLUGINS=1`` or the user asks for that
-backend by name.
+order (group, name, distribution) that does not depend on the order in which
+``importlib.metadata`` finds distributions. A failure is recorded in the load report
+(name, distribution, version, exception, traceback), logged as one WARNING, whatever
+it had registered is undone, and loading goes on — unless ``MOE_CORE_STRICT_PLUGINS=1``
+(then :class:`PluginLoadError`, chained) or the user asks for that backend by name (then
+:class:`BackendUnavailableError` from the original exception).
+
+Duplicate metadata of one distribution (a stale ``.egg-info`` beside the installed
+``.dist-info``) is not a name clash: entry points are deduplicated by normalised
+distribution name, keeping the copy ``importlib`` itself would pick — the one found first
+on ``sys.path``; within one directory ``.dist-info`` beats ``.egg-info``, then the higher
+version. One entry-point name in two *different* distributions is an error naming both.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
+import re
+import sys
 import threading
 import traceback
-import types
-import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import attrs
 import pluggy
@@ -34,7 +44,8 @@ from moe_core.errors import (BackendNotFoundError, BackendUnavailableError, Hook
 
 __all__ = ["BACKENDS_GROUP", "HOOKS_GROUP", "PLUGIN_API_VERSION", "BackendInfo", "HookSet",
            "list_backends", "get_backend", "select_backend", "register_backend", "unregister_backend",
-           "global_hookset", "new_plugin_manager", "hookset_for", "distribution_of", "load_report", "reset"]
+           "global_hookset", "new_plugin_manager", "hookset_for", "register_hooks", "distribution_of",
+           "load_report", "reset"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +53,8 @@ logger = logging.getLogger(__name__)
 BACKENDS_GROUP = "moe_core.backends"
 #: entry-point group of hook plugins
 HOOKS_GROUP = "moe_core.hooks"
+#: groups in loading order (sorted, so the order is part of the contract)
+GROUPS = (BACKENDS_GROUP, HOOKS_GROUP)
 
 
 @attrs.define(eq=False)
@@ -52,7 +65,9 @@ class BackendInfo:
     group: str
     distribution: str = "<code>"
     version: str = ""
-    #: "loaded", "failed" (import / instantiation), "rejected" (invalid registration), "registered" (in code)
+    #: "loaded"; "failed" (import / instantiation raised); "rejected" (invalid registration:
+    #: wrong type, API version, bad hook, duplicate name); "skipped" (not in MOE_CORE_PLUGINS);
+    #: "registered" (from code, no entry point)
     state: str = "loaded"
     backend: Backend | None = None
     plugin: Any = None
@@ -60,33 +75,86 @@ class BackendInfo:
     traceback: str = ""
     priority: int | None = None
     platform: str = ""
+    #: why a plugin was skipped (state "skipped")
+    note: str = ""
 
     @property
     def available(self) -> tuple[bool, str]:
-        """``(ok, reason)``: whether the backend can run here."""
+        """``(ok, reason)``: whether the backend can run here (the reason when not)."""
         if self.backend is None:
-            return False, f"{self.state}: {type(self.error).__name__}: {self.error}" if self.error else self.state
+            if self.error is not None:
+                return False, f"{self.state}: {type(self.error).__name__}: {self.error}"
+            return False, f"{self.state}: {self.note}" if self.note else self.state
         try:
             ok, reason = self.backend.is_available()
-        except Exception as exc:  # a probe must not raise; record why it did
+        except Exception as exc:  # a probe must not raise; keep why it did
             return False, f"is_available() raised {type(exc).__name__}: {exc}"
         return bool(ok), str(reason)
 
     def describe(self) -> str:
+        """One line: name, state, distribution and version, availability and its reason."""
         ok, reason = self.available
-        return (f"{self.name} (distribution {self.distribution} {self.version}, "
-                f"{'available' if ok else 'unavailable'}: {reason or 'ok'})")
+        where = f"{self.distribution} {self.version}".strip()
+        return (f"{self.name} [{self.state}] (distribution {where}): "
+                f"{'available' if ok else 'unavailable'}{': ' + reason if reason else ''}")
 
 
-def _entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
-    eps = list(importlib.metadata.entry_points(group=group))
-    return sorted(eps, key=lambda ep: (ep.name, ep.dist.name if ep.dist else "", ep.value))
+# -------------------------------------------------------------------------------------
+# discovery
+# -------------------------------------------------------------------------------------
+
+
+def _normalize(name: str) -> str:
+    """PEP 503 normalised distribution name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _dist(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
-    if ep.dist is None:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
         return "<unknown>", ""
-    return ep.dist.name, ep.dist.version
+    return dist.name or "<unknown>", dist.version or ""
+
+
+def _path_rank(dist: Any) -> tuple[int, int]:
+    """Where importlib would find ``dist``: (index of its directory on sys.path,
+    0 for ``.dist-info`` / 1 for other metadata)."""
+    try:
+        where = os.path.realpath(str(dist.locate_file("")))
+    except Exception:  # exotic finders: rank last
+        return len(sys.path), 1
+    index = len(sys.path)
+    for i, entry in enumerate(sys.path):
+        if os.path.realpath(entry or os.getcwd()) == where:
+            index = i
+            break
+    kind = 0 if dist.read_text("METADATA") is not None else 1
+    return index, kind
+
+
+def _dedupe_key(ep: importlib.metadata.EntryPoint) -> tuple[Any, ...]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return (len(sys.path), 1, "", ep.value)
+    index, kind = _path_rank(dist)
+    # higher version first: sort on the negated tuple of numeric parts, then the raw string
+    parts = tuple(-int(p) for p in re.findall(r"\d+", dist.version or ""))
+    return (index, kind, parts, dist.version or "", ep.value)
+
+
+def _entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
+    """The group's entry points: one per (name, normalised distribution), sorted by
+    (name, distribution, value) — independent of discovery order."""
+    best: dict[tuple[str, str], importlib.metadata.EntryPoint] = {}
+    for ep in importlib.metadata.entry_points(group=group):
+        key = (ep.name, _normalize(_dist(ep)[0]))
+        kept = best.get(key)
+        if kept is None or _dedupe_key(ep) < _dedupe_key(kept):
+            if kept is not None:
+                logger.debug("entry point %s of %s: duplicate metadata, keeping %s %s", ep.name, key[1],
+                             *_dist(ep))
+            best[key] = ep
+    return sorted(best.values(), key=lambda ep: (ep.name, _normalize(_dist(ep)[0]), ep.value))
 
 
 def _new_manager() -> pluggy.PluginManager:
@@ -95,12 +163,64 @@ def _new_manager() -> pluggy.PluginManager:
     return pm
 
 
+def _check_api_version(obj: Any, who: str) -> None:
+    """``who`` names the plugin and its distribution in the message."""
+    version = getattr(obj, "api_version", PLUGIN_API_VERSION)
+    if version != PLUGIN_API_VERSION:
+        raise PluginRegistrationError(
+            f"plugin {who} was written for plugin API version {version!r}, "
+            f"this moe-core speaks version {PLUGIN_API_VERSION}; upgrade the plugin or moe-core")
+
+
+def _instantiate(target: Any, name: str, dist: str) -> Backend:
+    if not (isinstance(target, type) and issubclass(target, Backend)):
+        what = f"an instance of {type(target).__qualname__}" if not isinstance(target, type) else \
+            f"class {target.__qualname__}, which is not a Backend subclass"
+        raise PluginRegistrationError(
+            f"backend entry point {name!r} (distribution {dist}) must name a moe_core.Backend subclass, "
+            f"got {what}")
+    _check_api_version(target, f"{name!r} (distribution {dist})")
+    backend = target()
+    if backend.name != name:
+        raise PluginRegistrationError(
+            f"backend entry point {name!r} (distribution {dist}) names class {target.__qualname__} "
+            f"whose name is {backend.name!r}; they must agree")
+    return backend
+
+
+def _register_hook_plugin(pm: pluggy.PluginManager, plugin: Any, name: str | None, label: str) -> None:
+    """Register ``plugin`` on ``pm`` and validate it; on any failure nothing stays registered."""
+    if isinstance(plugin, type):
+        raise PluginRegistrationError(
+            f"hook plugin {label}: got class {plugin.__qualname__}; register an instance or a module "
+            "carrying @moe_core.hookimpl functions")
+    _check_api_version(plugin, label)
+    try:
+        pm.register(plugin, name=name)
+        if not pm.get_hookcallers(plugin):
+            raise PluginRegistrationError(
+                f"hook plugin {label}: carries no @moe_core.hookimpl function "
+                f"(hooks: {', '.join(n for n in dir(hookspecs) if n.startswith('moe_core_'))})")
+        pm.check_pending()
+    except (pluggy.PluginValidationError, ValueError, PluginRegistrationError) as exc:
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        if isinstance(exc, PluginRegistrationError):
+            raise
+        raise PluginRegistrationError(f"hook plugin {label}: {exc}") from exc
+    except BaseException:
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        raise
+
+
 class _Registry:
     """Process-wide state: backends by name, the load report, the global hook manager."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.loaded = False
+        self._loading_thread: int | None = None
         self.backends: dict[str, BackendInfo] = {}
         self.report: list[BackendInfo] = []
         self.hooks = _new_manager()
@@ -108,115 +228,107 @@ class _Registry:
 
     # -- loading ---------------------------------------------------------------------
     def ensure_loaded(self) -> None:
-        if self.loaded:
-            return
+        if self.loaded or self._loading_thread == threading.get_ident():
+            return   # loaded, or a plugin being loaded calls back into the registry
         with self.lock:
             if self.loaded:
                 return
-            if not envs.disable_plugin_autoload():
-                allow = envs.plugins_allowlist()
-                self._load_backends(allow)
-                self._load_hooks(allow)
-            self.loaded = True
+            self._loading_thread = threading.get_ident()
+            try:
+                self._load()
+                self.loaded = True
+            except BaseException:
+                self.backends, self.report, self.hooks = {}, [], _new_manager()   # strict: retry from scratch
+                raise
+            finally:
+                self._loading_thread = None
+                self._hookset = None
 
-    def _fail(self, info: BackendInfo, exc: BaseException, what: str) -> None:
+    def _load(self) -> None:
+        if envs.disable_plugin_autoload():
+            logger.debug("MOE_CORE_DISABLE_PLUGIN_AUTOLOAD set: no entry point loaded")
+            return
+        allow = envs.plugins_allowlist()
+        seen: set[str] = set()
+        for group in GROUPS:
+            by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
+            for ep in _entry_points(group):
+                by_name.setdefault(ep.name, []).append(ep)
+            for name, eps in by_name.items():
+                seen.add(name)
+                if allow is not None and name not in allow:
+                    logger.debug("%s entry point %s skipped: not in MOE_CORE_PLUGINS", group, name)
+                    if group == BACKENDS_GROUP:
+                        dist, version = _dist(eps[0])
+                        self.backends[name] = BackendInfo(name=name, group=group, distribution=dist,
+                                                          version=version, state="skipped",
+                                                          note="not in MOE_CORE_PLUGINS")
+                    continue
+                if len(eps) > 1:
+                    self._reject_duplicate(group, name, eps)
+                else:
+                    self._load_one(group, eps[0])
+        if allow is not None and allow - seen:
+            logger.warning("moe-core: MOE_CORE_PLUGINS names %s, which no installed distribution provides "
+                           "(installed: %s)", ", ".join(repr(n) for n in sorted(allow - seen)),
+                           ", ".join(sorted(seen)) or "none")
+
+    def _fail(self, info: BackendInfo, exc: BaseException) -> None:
+        """Record a failed entry point, warn once; in strict mode raise PluginLoadError."""
         info.error = exc
         info.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.report.append(info)
-        message = (f"moe-core: {what} {info.name!r} from distribution {info.distribution} "
-                   f"{info.version} failed to load: {type(exc).__name__}: {exc}")
+        kind = "backend" if info.group == BACKENDS_GROUP else "hook plugin"
+        message = (f"moe-core: {kind} {info.name!r} from distribution {info.distribution} {info.version} "
+                   f"{info.state} and was skipped: {type(exc).__name__}: {exc}")
         if envs.strict_plugins():
-            raise PluginLoadError(message + " (MOE_CORE_STRICT_PLUGINS=1)") from exc
+            raise PluginLoadError(message.replace("and was skipped", "") + " (MOE_CORE_STRICT_PLUGINS=1)") from exc
         logger.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def _load_backends(self, allow: frozenset[str] | None) -> None:
-        by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
-        for ep in _entry_points(BACKENDS_GROUP):
-            if allow is not None and ep.name not in allow:
-                logger.debug("backend %s skipped: not in MOE_CORE_PLUGINS", ep.name)
-                continue
-            by_name.setdefault(ep.name, []).append(ep)
-        for name, eps in by_name.items():
-            dists = sorted({_dist(ep) for ep in eps})
-            if len(dists) > 1:
-                exc = PluginRegistrationError(
-                    f"backend name {name!r} is provided by several distributions: "
-                    + ", ".join(f"{d} {v}" for d, v in dists) + "; uninstall one or restrict MOE_CORE_PLUGINS")
-                info = BackendInfo(name=name, group=BACKENDS_GROUP, distribution=" + ".join(d for d, _ in dists),
-                                   state="rejected")
-                self._fail(info, exc, "backend")
-                self.backends[name] = info
-                continue
-            ep = eps[0]
-            dist, version = _dist(ep)
-            info = BackendInfo(name=name, group=BACKENDS_GROUP, distribution=dist, version=version)
-            try:
-                target = ep.load()
-                info.backend = _instantiate(target, name, dist)
-            except PluginRegistrationError as exc:
-                info.state = "rejected"
-                self._fail(info, exc, "backend")
-            except Exception as exc:
-                info.state = "failed"
-                self._fail(info, exc, "backend")
-            else:
-                info.priority, info.platform = info.backend.priority, info.backend.platform
-                self.report.append(info)
-                logger.debug("backend %s loaded from %s %s", name, dist, version)
+    def _reject_duplicate(self, group: str, name: str, eps: list[importlib.metadata.EntryPoint]) -> None:
+        dists = [_dist(ep) for ep in eps]
+        exc = PluginRegistrationError(
+            f"entry point {name!r} in group {group} is provided by several distributions: "
+            + " and ".join(f"{d} {v}".strip() for d, v in dists)
+            + "; uninstall one of them, or select another name with MOE_CORE_PLUGINS")
+        info = BackendInfo(name=name, group=group, distribution=" + ".join(d for d, _ in dists),
+                           version=" + ".join(v for _, v in dists), state="rejected")
+        if group == BACKENDS_GROUP:
             self.backends[name] = info
+        self._fail(info, exc)
 
-    def _load_hooks(self, allow: frozenset[str] | None) -> None:
-        for ep in _entry_points(HOOKS_GROUP):
-            if allow is not None and ep.name not in allow:
-                continue
-            dist, version = _dist(ep)
-            info = BackendInfo(name=ep.name, group=HOOKS_GROUP, distribution=dist, version=version)
-            try:
-                plugin = ep.load()
-                _check_api_version(plugin, ep.name, dist)
-                self.hooks.register(plugin, name=f"{dist}:{ep.name}")
-                try:
-                    self.hooks.check_pending()
-                except pluggy.PluginValidationError as exc:
-                    self.hooks.unregister(plugin)
-                    raise PluginRegistrationError(f"hook plugin {ep.name!r} (distribution {dist}): {exc}") from exc
-            except pluggy.PluginValidationError as exc:
-                info.state = "rejected"
-                self._fail(info, PluginRegistrationError(
-                    f"hook plugin {ep.name!r} (distribution {dist}): {exc}"), "hook plugin")
-            except PluginRegistrationError as exc:
-                info.state = "rejected"
-                self._fail(info, exc, "hook plugin")
-            except Exception as exc:
-                info.state = "failed"
-                self._fail(info, exc, "hook plugin")
+    def _load_one(self, group: str, ep: importlib.metadata.EntryPoint) -> None:
+        """Load one entry point in isolation; undo whatever it registered if it fails."""
+        dist, version = _dist(ep)
+        info = BackendInfo(name=ep.name, group=group, distribution=dist, version=version)
+        before_backends = dict(self.backends)
+        before_report = len(self.report)
+        before_hooks = {id(p) for p in self.hooks.get_plugins()}
+        label = f"{ep.name!r} (distribution {dist} {version})".replace(" )", ")")
+        try:
+            target = ep.load()
+            if group == BACKENDS_GROUP:
+                info.backend = _instantiate(target, ep.name, dist)
+                info.priority, info.platform = info.backend.priority, info.backend.platform
             else:
-                info.plugin = plugin
-                self.report.append(info)
-        self._hookset = None
-
-
-def _check_api_version(obj: Any, name: str, dist: str) -> None:
-    version = getattr(obj, "api_version", PLUGIN_API_VERSION)
-    if version != PLUGIN_API_VERSION:
-        raise PluginRegistrationError(
-            f"plugin {name!r} (distribution {dist}) was written for plugin API version {version}, "
-            f"this moe-core speaks version {PLUGIN_API_VERSION}; upgrade the plugin or moe-core")
-
-
-def _instantiate(target: Any, name: str, dist: str) -> Backend:
-    if not (isinstance(target, type) and issubclass(target, Backend)):
-        raise PluginRegistrationError(
-            f"backend entry point {name!r} (distribution {dist}) must name a moe_core.Backend subclass, "
-            f"got {target!r}")
-    _check_api_version(target, name, dist)
-    backend = target()
-    if backend.name != name:
-        raise PluginRegistrationError(
-            f"backend entry point {name!r} (distribution {dist}) names class {target.__qualname__} "
-            f"whose name is {backend.name!r}; they must agree")
-    return backend
+                _register_hook_plugin(self.hooks, target, f"{dist}:{ep.name}", label)
+                info.plugin = target
+        except Exception as exc:
+            # undo partial registration: backends registered from code, hook plugins, report lines
+            self.backends = before_backends
+            del self.report[before_report:]
+            for plugin in self.hooks.get_plugins():
+                if id(plugin) not in before_hooks:
+                    self.hooks.unregister(plugin)
+            info.state = "rejected" if isinstance(exc, PluginRegistrationError) else "failed"
+            if group == BACKENDS_GROUP:
+                self.backends[ep.name] = info
+            self._fail(info, exc)
+        else:
+            if group == BACKENDS_GROUP:
+                self.backends[ep.name] = info
+            self.report.append(info)
+            logger.debug("%s %s loaded from %s %s", group, ep.name, dist, version)
 
 
 _REGISTRY = _Registry()
@@ -229,24 +341,29 @@ def reset() -> None:
 
 
 def load_report() -> list[BackendInfo]:
-    """Every entry point seen (backends and hook plugins) with its state, error and traceback."""
+    """Every entry point seen (backends and hook plugins), in loading order, with its
+    state, error and traceback; backends skipped by ``MOE_CORE_PLUGINS`` are not in it."""
     _REGISTRY.ensure_loaded()
     return list(_REGISTRY.report)
 
 
 def register_backend(backend: type[Backend] | Backend) -> Backend:
-    """Register a backend from code (no entry point); its name must be new."""
+    """Register a backend from code (no entry point); its name must be new.
+
+    :raises PluginRegistrationError: not a Backend, API version mismatch, or the name is taken.
+    """
     reg = _REGISTRY
     reg.ensure_loaded()
-    instance = backend() if isinstance(backend, type) else backend
+    instance = backend() if isinstance(backend, type) and issubclass(backend, Backend) else backend
     if not isinstance(instance, Backend):
         raise PluginRegistrationError(f"register_backend: expected a moe_core.Backend, got {backend!r}")
-    _check_api_version(instance, instance.name, "<code>")
+    _check_api_version(instance, f"{instance.name!r} (registered from code)")
     with reg.lock:
-        if instance.name in reg.backends:
+        old = reg.backends.get(instance.name)
+        if old is not None and old.state != "skipped":
             raise PluginRegistrationError(
                 f"backend name {instance.name!r} is already provided by distribution "
-                f"{reg.backends[instance.name].distribution}")
+                f"{old.distribution} {old.version}".rstrip())
         info = BackendInfo(name=instance.name, group=BACKENDS_GROUP, state="registered", backend=instance,
                            priority=instance.priority, platform=instance.platform)
         reg.backends[instance.name] = info
@@ -259,30 +376,42 @@ def unregister_backend(name: str) -> None:
     reg = _REGISTRY
     with reg.lock:
         info = reg.backends.pop(name, None)
-        if info is not None:
+        if info is not None and info in reg.report:
             reg.report.remove(info)
 
 
 def list_backends() -> list[BackendInfo]:
-    """The backends of the load report, sorted by name, each with state and reason."""
+    """Every backend entry point and code-registered backend, sorted by name, each with
+    its state and (through :attr:`BackendInfo.available`) its reason."""
     _REGISTRY.ensure_loaded()
     return sorted(_REGISTRY.backends.values(), key=lambda i: i.name)
 
 
 def _roster() -> str:
     lines = [f"  - {info.describe()}" for info in list_backends()]
+    if envs.disable_plugin_autoload():
+        lines.append("  (MOE_CORE_DISABLE_PLUGIN_AUTOLOAD is set: no entry point was loaded)")
     return "\n".join(lines) if lines else "  (no backend installed)"
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called ``name``; raises if unknown, broken or unavailable here."""
+    """The backend called ``name``.
+
+    :raises BackendNotFoundError: no backend of that name (the message lists every backend).
+    :raises PluginRegistrationError: its registration was invalid (duplicate name, API version).
+    :raises BackendUnavailableError: it failed to load (``__cause__`` is the original
+        exception), was skipped, or cannot run here.
+    """
     _REGISTRY.ensure_loaded()
     info = _REGISTRY.backends.get(name)
     if info is None:
         raise BackendNotFoundError(f"no backend named {name!r}; installed backends:\n{_roster()}")
     if info.backend is None:
+        if info.error is None:
+            raise BackendUnavailableError(f"backend {name!r} (distribution {info.distribution}) was "
+                                          f"{info.state}: {info.note}\ninstalled backends:\n{_roster()}")
         cls = PluginRegistrationError if info.state == "rejected" else BackendUnavailableError
-        raise cls(f"backend {name!r} (distribution {info.distribution}) could not be loaded: "
+        raise cls(f"backend {name!r} (distribution {info.distribution} {info.version}) could not be loaded: "
                   f"{type(info.error).__name__}: {info.error}\ninstalled backends:\n{_roster()}") from info.error
     ok, reason = info.available
     if not ok:
@@ -301,7 +430,11 @@ def distribution_of(backend: Backend) -> str:
 
 def select_backend(name: str | None, layer: Any, quant: Any) -> Backend:
     """The backend for ``layer``/``quant``: ``name``, else ``MOE_CORE_BACKEND``, else the
-    available supporting backend of highest priority (a tie is an error)."""
+    available supporting backend of highest priority.
+
+    :raises PluginRegistrationError: several available supporting backends share the top priority.
+    :raises UnsupportedConfigError: none (or not the named one) supports the layer.
+    """
     requested = name or envs.backend()
     if requested:
         backend = get_backend(requested)
@@ -310,26 +443,27 @@ def select_backend(name: str | None, layer: Any, quant: Any) -> Backend:
             raise UnsupportedConfigError(f"backend {requested!r} does not support this layer: {reason}\n"
                                          f"installed backends:\n{_roster()}")
         return backend
-    candidates: list[Backend] = []
+    candidates: list[BackendInfo] = []
     reasons: list[str] = []
     for info in list_backends():
         ok, reason = info.available
         if ok and info.backend is not None:
             ok, reason = info.backend.supports(layer, quant)
         if ok:
-            candidates.append(info.backend)
+            candidates.append(info)
         else:
             reasons.append(f"  - {info.name}: {reason}")
     if not candidates:
         raise UnsupportedConfigError("no backend supports this layer here:\n" + "\n".join(reasons))
-    top = max(b.priority for b in candidates)
-    best = [b for b in candidates if b.priority == top]
+    top = max(i.backend.priority for i in candidates)
+    best = [i for i in candidates if i.backend.priority == top]
     if len(best) > 1:
         raise PluginRegistrationError(
-            f"backends {', '.join(repr(b.name) for b in best)} are all available with priority {top}; "
-            "set MOE_CORE_BACKEND or pass backend= to choose")
+            f"backends {', '.join(f'{i.name!r} (distribution {i.distribution})' for i in best)} are all "
+            f"available with priority {top}; set MOE_CORE_BACKEND or pass backend= to choose, "
+            "or uninstall one")
     logger.info("backend %s selected: priority %d", best[0].name, top)
-    return best[0]
+    return best[0].backend
 
 
 # -------------------------------------------------------------------------------------
@@ -368,10 +502,51 @@ def _caller(pm: pluggy.PluginManager, hook_name: str) -> Callable[..., Any] | No
     return call
 
 
+def _responder(pm: pluggy.PluginManager, hook_name: str, kwargs: dict[str, Any]) -> str:
+    """The plugin whose implementation gave a firstresult hook its result: replays the
+    plain implementations in pluggy's call order (error path only; map hooks are pure)."""
+    impls = [i for i in getattr(pm.hook, hook_name).get_hookimpls() if not (i.wrapper or i.hookwrapper)]
+    for impl in reversed(impls):
+        try:
+            if impl.function(*[kwargs[a] for a in impl.argnames]) is not None:
+                return impl.plugin_name
+        except Exception:
+            return impl.plugin_name
+    return "<unknown plugin>"
+
+
+def _mapper(pm: pluggy.PluginManager) -> Callable[..., Any] | None:
+    name = "moe_core_map_expert_ids"
+    call = _caller(pm, name)
+    if call is None:
+        return None
+
+    def map_expert_ids(topk_ids: Any, layer: Any) -> Any:
+        result = call(topk_ids=topk_ids, layer=layer)
+        if result is None:
+            return None
+        from moe_core.validate import check_mapped_ids
+
+        try:
+            check_mapped_ids(result, topk_ids, layer.num_local_experts)
+        except HookError as exc:
+            plugin = _responder(pm, name, {"topk_ids": topk_ids, "layer": layer})
+            raise HookError(f"hook {name} of plugin {plugin!r} returned an invalid result: {exc}; "
+                            "the forward was aborted") from exc
+        return result
+
+    return map_expert_ids
+
+
 @attrs.frozen(eq=False)
 class HookSet:
     """The hook callers of one runner (or of the functional path); ``None`` where no
-    implementation is registered, so the forward calls no pluggy machinery for them."""
+    implementation is registered, so the forward calls no pluggy machinery for them.
+
+    ``map_expert_ids(topk_ids, layer)`` returns validated int32 local ids or None; the
+    other two take the keyword arguments of their hookspecs. Any failure is a HookError
+    naming the plugin and the hook.
+    """
 
     map_expert_ids: Callable[..., Any] | None = None
     after_gate_up: Callable[..., Any] | None = None
@@ -385,13 +560,7 @@ class HookSet:
 
 def hookset_for(pm: pluggy.PluginManager) -> HookSet:
     """Build the :class:`HookSet` of a plugin manager (snapshot of its current impls)."""
-    def mapper() -> Callable[..., Any] | None:
-        call = _caller(pm, "moe_core_map_expert_ids")
-        if call is None:
-            return None
-        return lambda topk_ids, layer: call(topk_ids=topk_ids, layer=layer)
-
-    return HookSet(map_expert_ids=mapper(), after_gate_up=_caller(pm, "moe_core_after_gate_up"),
+    return HookSet(map_expert_ids=_mapper(pm), after_gate_up=_caller(pm, "moe_core_after_gate_up"),
                    after_down=_caller(pm, "moe_core_after_down"))
 
 
@@ -405,7 +574,11 @@ def global_hookset() -> HookSet:
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
-    """A fresh manager holding the global hook plugins, for one runner to extend."""
+    """A fresh manager holding the global hook plugins, for one runner to extend.
+
+    Global plugins are registered first, so a runner's own plugins run before them
+    (pluggy: last registered first) unless ``tryfirst``/``trylast`` say otherwise.
+    """
     _REGISTRY.ensure_loaded()
     pm = _new_manager()
     for name, plugin in _REGISTRY.hooks.list_name_plugin():
@@ -414,12 +587,11 @@ def new_plugin_manager() -> pluggy.PluginManager:
 
 
 def register_hooks(pm: pluggy.PluginManager, plugin: Any, name: str | None = None) -> None:
-    """Register ``plugin`` on ``pm``; a malformed plugin raises PluginRegistrationError."""
-    label = name or getattr(plugin, "__name__", type(plugin).__name__)
-    try:
-        pm.register(plugin, name=name)
-        pm.check_pending()
-    except (pluggy.PluginValidationError, ValueError) as exc:
-        if pm.is_registered(plugin):
-            pm.unregister(plugin)
-        raise PluginRegistrationError(f"hook plugin {label!r}: {exc}") from exc
+    """Register hook ``plugin`` (a module or an instance) on ``pm``.
+
+    :raises PluginRegistrationError: a class instead of an instance, no hookimpl, an
+        unknown hook, an argument the spec lacks, an API version mismatch, or a name or
+        object already registered; nothing stays registered then.
+    """
+    label = repr(name or getattr(plugin, "__name__", type(plugin).__name__))
+    _register_hook_plugin(pm, plugin, name, label)
