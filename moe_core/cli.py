@@ -65,7 +65,7 @@ def make_weights(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.
     per_expert = rows * K
     if E * per_expert * torch.tensor([], dtype=dtype).element_size() <= _FULL_WEIGHTS_LIMIT:
         return (torch.randn(shape, generator=generator, device="cpu") * std).to(dtype).to(device)
-    expert_stride = 4099 * K // 64 + 1                       # any shift works; odd, not a multiple of K
+    expert_stride = 4099 if per_expert > 4099 else per_expert // 2 + 1   # any shift works; not a multiple of K
     base = (torch.randn(per_expert + (E - 1) * expert_stride, generator=generator) * std).to(dtype).to(device)
     logger.info("weights %s share one buffer (expert stride %d) to fit memory", list(shape), expert_stride)
     return base.as_strided(shape, (expert_stride, K, 1))
@@ -81,6 +81,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     gen = torch.Generator().manual_seed(args.seed)
     layer = preset.layer()
+    runner = moe_core.MoERunner(layer, backend=args.backend)
+    logger.info("backend %s", runner.backend.name)              # fail fast on a bad --backend
     E, H, I, N = layer.num_local_experts, layer.hidden_size, layer.intermediate_size, layer.gate_up_rows
     M = args.tokens
     w1 = make_weights((E, N, H), dtype, device, gen)
@@ -97,7 +99,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     topk_weights, topk_ids = moe_core.select_experts(
         logits, preset.top_k, renormalize=preset.renormalize, scoring_func=preset.scoring_func,
         num_expert_group=preset.num_expert_group, topk_group=preset.topk_group, correction_bias=bias)
-    runner = moe_core.MoERunner(layer, backend=args.backend)
     weights = moe_core.ExpertWeights(w1, w2, b1=b1, b2=b2)
     out = runner.run(x, weights, topk_weights, topk_ids)          # warm-up (compiles kernels)
     _sync(device)
