@@ -127,6 +127,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moe_core import bench
+
+    if not torch.cuda.is_available():
+        print("moe-core bench: needs a CUDA GPU (times CUDA-graph replays against measured ceilings)",
+              file=sys.stderr)
+        return 2
+    result = bench.run_bench(tuple(args.models.split(",")), tuple(int(t) for t in args.tokens.split(",")),
+                             dtype=args.dtype, out_dir=Path(args.out), backend=args.backend)
+    print(bench.markdown_table(result))
+    return 0
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--repeat", type=int, default=3, help="timed forwards after one warm-up (default 3)")
     p.set_defaults(func=_cmd_run)
+
+    from moe_core import bench
+
+    p = sub.add_parser("bench", help="side-by-side benchmark against torch._grouped_mm and a naive loop (GPU)")
+    p.add_argument("--models", default=",".join(bench.DEFAULT_MODELS), help="comma-separated presets")
+    p.add_argument("--tokens", default=",".join(map(str, bench.DEFAULT_TOKENS)), help="comma-separated M values")
+    p.add_argument("--dtype", choices=("bfloat16", "fp8"), default="bfloat16",
+                   help="bfloat16, or fp8 block [128,128] w8a8 against our own bf16 path")
+    p.add_argument("--backend", default="cuda", help="our backend to time (default cuda)")
+    p.add_argument("--out", default="bench_out", help="folder for JSON, Markdown and PNG results")
+    p.set_defaults(func=_cmd_bench)
 
     try:
         from moe_core import cli_configs
