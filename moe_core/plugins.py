@@ -192,25 +192,26 @@ def _register_hook_plugin(pm: pluggy.PluginManager, plugin: Any, name: str | Non
     """Register ``plugin`` on ``pm`` and validate it; on any failure nothing stays registered."""
     if isinstance(plugin, type):
         raise PluginRegistrationError(
-            f"hook plugin {label}: got class {plugin.__qualname__}; register an instance or a module "
+            f"hook plugin {label}: got class {plugin.__name__}; register an instance or a module "
             "carrying @moe_core.hookimpl functions")
     _check_api_version(plugin, label)
+    was_registered = pm.is_registered(plugin)
     try:
         pm.register(plugin, name=name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        if not was_registered and pm.is_registered(plugin):   # pluggy < 1.6 registers impl by impl
+            pm.unregister(plugin)
+        raise PluginRegistrationError(f"hook plugin {label}: {exc}") from exc
+    try:
         if not pm.get_hookcallers(plugin):
             raise PluginRegistrationError(
                 f"hook plugin {label}: carries no @moe_core.hookimpl function "
                 f"(hooks: {', '.join(n for n in dir(hookspecs) if n.startswith('moe_core_'))})")
         pm.check_pending()
-    except (pluggy.PluginValidationError, ValueError, PluginRegistrationError) as exc:
-        if pm.is_registered(plugin):
-            pm.unregister(plugin)
-        if isinstance(exc, PluginRegistrationError):
-            raise
-        raise PluginRegistrationError(f"hook plugin {label}: {exc}") from exc
-    except BaseException:
-        if pm.is_registered(plugin):
-            pm.unregister(plugin)
+    except BaseException as exc:
+        pm.unregister(plugin)
+        if isinstance(exc, pluggy.PluginValidationError):
+            raise PluginRegistrationError(f"hook plugin {label}: {exc}") from exc
         raise
 
 
