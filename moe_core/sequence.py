@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
 from moe_core import config as _config
 from moe_core import validate
-from moe_core.errors import BackendExecutionError, HookError, MoECoreError, MoEInputError
-from moe_core.spec import ExpertWeights, MoELayer, Plan, QuantSpec
+from moe_core.errors import BackendExecutionError, HookError, MoECoreError
+from moe_core.spec import ExpertWeights, MoELayer, Plan
 
 if TYPE_CHECKING:
     from moe_core.backend import Backend
@@ -94,6 +94,25 @@ def _map_ids(plan: Plan, topk_ids: torch.Tensor, n_valid: int | torch.Tensor | N
     return ids
 
 
+def _gemm(plan: Plan, which: int, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
+          bias: torch.Tensor | None, topk_weights: torch.Tensor,
+          aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor], top_k: int, mul_routed_weight: bool,
+          config: Mapping[str, Any]) -> torch.Tensor:
+    """Steps 4 / 7: gemm ``which`` (1 or 2) into ``out``; w8a8 quantizes ``a`` first, into a separate buffer."""
+    quant = plan.quant
+    a_scale = None
+    if quant.is_w8a8:
+        with _step(plan, f"quantize_gemm{which}_input"):
+            a, a_scale = plan.backend.quantize_activation(a, quant, getattr(quant, f"a{which}_scale"))
+    sorted_ids, expert_ids, n_post = aligned
+    with _step(plan, f"gemm{which}"):
+        plan.backend.gemm(a, w, out, a_scale=a_scale, w_scale=getattr(quant, f"w{which}_scale"),
+                          w_zp=getattr(quant, f"w{which}_zp"), bias=bias, topk_weights=topk_weights,
+                          sorted_token_ids=sorted_ids, expert_ids=expert_ids, num_tokens_post_padded=n_post,
+                          top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=dict(config))
+    return out
+
+
 def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
         topk_ids: torch.Tensor, *, inplace: bool = False, no_combine: bool = False,
         out: torch.Tensor | None = None, n_valid: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -102,7 +121,7 @@ def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch
     :returns: [M, H] (``out`` or ``x`` when given / ``inplace``), or [M, k, H] with
         ``no_combine`` (unweighted, unscaled). With ``inplace`` ``x`` is mutated.
     """
-    layer, quant, backend, hooks = plan.layer, plan.quant, plan.backend, plan.hooks
+    layer, backend, hooks = plan.layer, plan.backend, plan.hooks
     w1, w2 = weights.w1, weights.w2
     M, H = x.shape
     k = topk_ids.shape[1]
@@ -117,19 +136,11 @@ def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch
     with _step(plan, "map_expert_ids"):
         ids = _map_ids(plan, topk_ids, n_valid)
     with _step(plan, "align"):
-        sorted_ids, expert_ids, n_post = backend.align(ids, plan.block_m, E)
+        aligned = backend.align(ids, plan.block_m, E)
 
-    a1, a1_scale = x, None
-    if quant.is_w8a8:
-        with _step(plan, "quantize_gemm1_input"):
-            a1, a1_scale = backend.quantize_activation(x, quant, quant.a1_scale)
     gate_up = torch.empty((S, N), dtype=x.dtype, device=x.device)
-    with _step(plan, "gemm1"):
-        backend.gemm(a1, w1, gate_up, a_scale=a1_scale, w_scale=quant.w1_scale, w_zp=quant.w1_zp,
-                     bias=weights.b1, topk_weights=topk_weights, sorted_token_ids=sorted_ids,
-                     expert_ids=expert_ids, num_tokens_post_padded=n_post, top_k=k,
-                     mul_routed_weight=layer.apply_router_weight_on_input, quant=quant,
-                     config=dict(plan.config))
+    _gemm(plan, 1, x, w1, gate_up, bias=weights.b1, topk_weights=topk_weights, aligned=aligned, top_k=k,
+          mul_routed_weight=layer.apply_router_weight_on_input, config=plan.config)
     if hooks.after_gate_up is not None:
         hooks.after_gate_up(x=x, gate_up=gate_up.view(M, k, N), topk_weights=topk_weights,
                             topk_ids=ids, layer=layer)
@@ -138,17 +149,9 @@ def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch
     with _step(plan, "activation"):
         backend.activation(gate_up, act, layer, ids)
 
-    a2, a2_scale = act, None
-    if quant.is_w8a8:
-        with _step(plan, "quantize_gemm2_input"):
-            a2, a2_scale = backend.quantize_activation(act, quant, quant.a2_scale)
     down = torch.empty((S, H), dtype=x.dtype, device=x.device)
-    with _step(plan, "gemm2"):
-        backend.gemm(a2, w2, down, a_scale=a2_scale, w_scale=quant.w2_scale, w_zp=quant.w2_zp,
-                     bias=weights.b2, topk_weights=topk_weights, sorted_token_ids=sorted_ids,
-                     expert_ids=expert_ids, num_tokens_post_padded=n_post, top_k=1,
-                     mul_routed_weight=not (layer.apply_router_weight_on_input or no_combine),
-                     quant=quant, config=dict(plan.down_config))
+    _gemm(plan, 2, act, w2, down, bias=weights.b2, topk_weights=topk_weights, aligned=aligned, top_k=1,
+          mul_routed_weight=not (layer.apply_router_weight_on_input or no_combine), config=plan.down_config)
     if hooks.after_down is not None:
         hooks.after_down(act=act, down=down.view(M, k, H), topk_weights=topk_weights,
                          topk_ids=ids, layer=layer)
