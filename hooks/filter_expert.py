@@ -5,7 +5,11 @@ unknown). The table is int32 [E_g] filled with ``-1``: global ``[rank·L, (rank+
 maps to ``0 … L−1`` (L local routed experts), the last S global ids (fused shared
 experts) to ``L … L+S−1``; an explicit ``layer.expert_map`` replaces it. Ids outside
 ``[0, E_g)`` — stale values in padded rows of a CUDA-graph batch — become ``-1``
-*before* the gather, so the table is never indexed with ``-1``.
+*before* the gather, so the table is never indexed with ``-1``. Rows at or past the
+caller's ``n_valid`` are set to ``-1`` by the sequence after this hook (SEMANTICS §7).
+
+The table is built (and checked) once per layer and device; the mapping itself makes no
+host sync and allocates only [M, k] tensors, so it survives CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ _LOCK = threading.Lock()
 
 
 def build_table(layer: MoELayer) -> torch.Tensor:
-    """The int32 [E_g] global -> local table of ``layer`` on the CPU."""
+    """The int32 [E_g] global -> local table of ``layer`` on the CPU.
+
+    :param layer: a layer with ``num_experts`` known.
+    :raises MoEInputError: an explicit ``expert_map`` that is not int32 [E_g] with values in
+        ``[-1, E)`` and distinct local ids, or an uneven placement without ``expert_map``.
+    """
     E_g = layer.num_experts
     E = layer.num_local_experts
     if layer.expert_map is not None:
@@ -65,7 +74,10 @@ def _table_on(layer: MoELayer, device: torch.device) -> torch.Tensor:
 
 @hookimpl
 def moe_core_map_expert_ids(topk_ids: torch.Tensor, layer: MoELayer) -> torch.Tensor | None:
-    """Map ``topk_ids`` [M, k] to local ids; None when the layer needs no mapping."""
+    """Map ``topk_ids`` [M, k] int32 global ids to local ids in ``[-1, E)``.
+
+    :returns: a new [M, k] int32 tensor, or None when ``layer.filter_expert`` is off.
+    """
     if not layer.filter_expert:
         return None
     E = layer.num_local_experts
