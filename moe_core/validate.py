@@ -252,13 +252,27 @@ def _check_out(out: object, x: torch.Tensor, weights: ExpertWeights, topk_weight
               ("topk_weights", topk_weights), ("topk_ids", topk_ids),
               *((name, getattr(quant, name)) for name in ("w1_scale", "w2_scale", "a1_scale", "a2_scale",
                                                           "w1_zp", "w2_zp")))
-    if not out.numel():
-        return
-    ptr = out.untyped_storage().data_ptr()
     for name, t in inputs:
-        if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() == ptr:
+        if isinstance(t, torch.Tensor) and _overlaps(out, t):
             raise MoEInputError(f"out: shares memory with {name}; pass a separate buffer"
                                 f"{' (or inplace=True to write into x)' if name == 'x' else ''}")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last)`` byte addresses a tensor can touch (through its strides)."""
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    neg = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if stride < 0)
+    start = t.data_ptr() + neg * t.element_size()
+    return start, start + extent * t.element_size()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory ranges intersect (same device, both non-empty)."""
+    if not a.numel() or not b.numel() or a.device != b.device:
+        return False
+    a0, a1 = _span(a)
+    b0, b1 = _span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _check_n_valid(n_valid: int | torch.Tensor, M: int) -> None:
