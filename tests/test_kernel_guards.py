@@ -2,8 +2,10 @@
 
 Read with ``ast`` (no Triton import), every ``@triton.jit`` function is checked for:
 
-- offsets built from program ids (``x = ... tl.program_id ...``) that reach a tile offset
-  (an expression with ``tl.arange``) or a stride product without an int64 cast;
+- element offsets built from program ids (``offs = pid * BLOCK + tl.arange(...)``) that
+  reach a pointer (``x_ptr + offs``) or a stride product without an int64 cast, and
+  program-id values multiplied by a stride without one (block indices used as plain
+  indices, ``expert_ids_ptr + pid_m``, are fine);
 - slot / token / expert values loaded from the alignment metadata (``sorted_token_ids``,
   ``expert_ids``, ``topk_ids``) used in a stride product without an int64 cast;
 - a hard-coded ``tl.bfloat16`` (generic kernels take the dtype from the pointer).
@@ -55,6 +57,7 @@ class _Checker(ast.NodeVisitor):
     def __init__(self, path: str) -> None:
         self.path = path
         self.narrow: set[str] = set()      # program-id derived names that are NOT int64
+        self.narrow_elem: set[str] = set() # ... of them, element offsets (built with tl.arange)
         self.wide: set[str] = set()        # program-id derived names that are int64
         self.meta_narrow: set[str] = set() # metadata-loaded names without an int64 cast
         self.errors: list[str] = []
@@ -74,22 +77,29 @@ class _Checker(ast.NodeVisitor):
         any_pid = any(_is_call_to(n, "program_id") for n in ast.walk(value)) or \
             any(isinstance(n, ast.Name) and n.id in (self.narrow | self.wide) for n in ast.walk(value))
         has_arange = any(_is_call_to(n, "arange") for n in ast.walk(value))
-        if has_arange and narrow_used:
-            self._err(node, f"tile offset built from program-id value(s) {sorted(narrow_used)} "
-                            "without .to(tl.int64)")
         loads_meta = any(_is_call_to(n, "load") and n.args and METADATA.search(ast.unparse(n.args[0]))
                          for n in ast.walk(value))
         for t in targets:
-            self.narrow.discard(t)
-            self.wide.discard(t)
-            self.meta_narrow.discard(t)
+            for pool in (self.narrow, self.narrow_elem, self.wide, self.meta_narrow):
+                pool.discard(t)
             if any_pid:
-                (self.narrow if (has_pid or narrow_used) and not _is_int64_cast(value) else self.wide).add(t)
+                is_narrow = (has_pid or narrow_used) and not _is_int64_cast(value)
+                (self.narrow if is_narrow else self.wide).add(t)
+                if is_narrow and (has_arange or self._uncast_names(value, self.narrow_elem)):
+                    self.narrow_elem.add(t)
             if loads_meta and not _is_int64_cast(value):
                 self.meta_narrow.add(t)
 
     def visit_BinOp(self, node: ast.BinOp) -> None:
         self.generic_visit(node)
+        if isinstance(node.op, ast.Add):
+            for side, other in ((node.left, node.right), (node.right, node.left)):
+                if isinstance(side, ast.Name) and side.id.endswith("_ptr"):
+                    bad = self._uncast_names(other, self.narrow_elem)
+                    if bad:
+                        self._err(node, f"pointer offset {sorted(bad)} built from program ids without "
+                                        ".to(tl.int64)")
+            return
         if not isinstance(node.op, ast.Mult):
             return
         for side, other in ((node.left, node.right), (node.right, node.left)):
@@ -154,6 +164,13 @@ def bad_meta(sorted_token_ids_ptr, out_ptr, stride_om, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs_token * stride_om, 0)
 
 @triton.jit
+def fine_block_index(expert_ids_ptr, x_ptr, stride_xm, BLOCK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    e = tl.load(expert_ids_ptr + pid_m)
+    offs_r = pid_m * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs_r.to(tl.int64) * stride_xm, e)
+
+@triton.jit
 def bad_bf16(x_ptr):
     tl.store(x_ptr, tl.zeros([16], dtype=tl.bfloat16))
 
@@ -169,5 +186,5 @@ def good(sorted_token_ids_ptr, out_ptr, stride_om, BLOCK: tl.constexpr):
 def test_guards_catch_planted_bugs() -> None:
     errors = check_source(BAD, "planted.py")
     lines = {int(e.split(":")[1]) for e in errors}
-    assert lines == {8, 14, 19, 23}, errors
+    assert lines == {9, 14, 19, 30}, errors
     assert all(e.startswith("planted.py:") for e in errors)
