@@ -315,3 +315,42 @@ def test_quantized_activation_differs_from_float() -> None:
     err_model = (out.double() - ref).abs().max()
     err_float = (out.double() - unquantized_act).abs().max()
     assert err_model < err_float / 5, (err_model, err_float)
+
+
+# -- NaN poisoning (TESTING.md §8) ------------------------------------------------------------
+@pytest.mark.parametrize("scheme", [None, "fp8_w8a8", "int4_w4a16"])
+def test_zero_token_experts_are_never_read(scheme: str | None, nan_empty) -> None:
+    """Every token goes to experts {0, 1}; the weights and scales of the other experts are NaN."""
+    M, H, I, E, k = 17, 32, 32, 8, 2
+    layer, x, w1, w2, _, _, tw, ids = _make(M, H, I, E, k, routing="all_to_expert0", seed=13)
+    if scheme is None:
+        w1[2:], w2[2:] = float("nan"), float("nan")
+        quant = None
+    else:
+        w1, w2, quant = quantize_layer(w1, w2, scheme, per_channel=scheme == "fp8_w8a8",
+                                       group_size=16 if scheme == "int4_w4a16" else None)
+        quant.w1_scale[2:] = float("nan")
+        quant.w2_scale[2:] = float("nan")
+    out = moe_core.fused_experts(x, w1, w2, tw, ids, layer=layer, quant=quant, backend="torch")
+    assert torch.isfinite(out).all()
+    ref = oracle_moe(x, w1, w2, tw, ids, quant=quant)
+    if quant is None:
+        assert_close_normalized(out, ref, *tolerance_for(torch.float32))
+    else:
+        assert_close_quant(out, ref, quant)
+
+
+def test_stale_padded_rows_contribute_nothing(nan_empty) -> None:
+    M, H, I, E, k = 12, 16, 8, 4, 2
+    layer, x, w1, w2, _, _, _, _ = _make(M, H, I, E, k, seed=14)
+    tw, ids = routes.stale_padding(M, E, k, seed=14, n_valid=7)
+    assert (ids[7:] == 2071690107).any() and (ids[7:] == E).any() and (ids[7:] == -99999).any()
+    out = MoERunner(layer, backend="torch").run(x, ExpertWeights(w1, w2), tw, ids, n_valid=7)
+    ids_ref = ids.clone()
+    ids_ref[7:] = -1
+    _check(out, layer, x, w1, w2, None, None, tw, ids_ref)
+    assert torch.equal(out[7:], torch.zeros(5, H))
+    # valid rows are unchanged by what the padded rows hold
+    want = moe_core.fused_experts(x[:7].contiguous(), w1, w2, tw[:7].contiguous(), ids[:7].contiguous(), layer=layer,
+                                  backend="torch")
+    assert torch.equal(out[:7], want)
