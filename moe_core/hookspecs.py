@@ -2,7 +2,29 @@
 
 Hook plugins mark functions with :data:`hookimpl`; a plugin is any object or module
 carrying them, registered globally through the ``moe_core.hooks`` entry-point group or
-on one runner with :meth:`moe_core.MoERunner.register`.
+on one runner with :meth:`moe_core.MoERunner.register`. An implementation may take any
+subset of its spec's arguments (pluggy passes them by name); an argument the spec lacks,
+a hook name not listed here, or a plugin with no ``@hookimpl`` at all is rejected at
+registration with :class:`~moe_core.errors.PluginRegistrationError`.
+
+Call order is pluggy's, fixed per runner: ``tryfirst`` implementations, then the others
+last-registered-first (a runner's own plugins before the global ones), then ``trylast``;
+``wrapper=True`` implementations wrap them all. With no implementation registered the
+forward calls nothing.
+
+Contract of the arguments (SEMANTICS §8):
+
+============  ===================  ====================  =========================================
+argument      shape                may the hook write?   state when the hook runs
+============  ===================  ====================  =========================================
+x             [M, H]               no                    runner input, unquantized
+gate_up       [M, k, N] view       yes, in place         pre-activation; scales and bias applied
+act           [M·k, N/2 or N]      no                    post-activation, unquantized
+down          [M, k, H] view       yes, in place         pre-combine; rows of ``-1`` slots zero
+topk_weights  [M, k] fp32          no                    as given
+topk_ids      [M, k] int32         no                    local ids; ``-1`` = remote or padded
+layer         MoELayer             no                    the frozen layer spec
+============  ===================  ====================  =========================================
 """
 
 from __future__ import annotations
@@ -49,8 +71,15 @@ def moe_core_map_expert_ids(topk_ids: torch.Tensor, layer: MoELayer) -> torch.Te
 
     Stops at first non-None result.
 
-    Implementations must not sync with the host or allocate data-dependent sizes, and must
-    mask out-of-range ids *before* gathering through a table (never index with ``-1``).
+    The result is checked (shape [M, k], int32, same device; values in ``[-1, E)`` for CPU
+    tensors or under ``MOE_CORE_DEBUG=1``); anything else, or an exception, aborts the
+    forward with :class:`~moe_core.errors.HookError` naming the plugin.
+
+    Use from plugins: the in-tree ``filter_expert`` plugin implements this hook for
+    ``ep_rank``/``ep_size``/``expert_map`` placements; a plugin registered on a runner runs
+    before it and wins by returning a tensor. Implementations must not sync with the host
+    or allocate data-dependent sizes, and must mask out-of-range ids *before* gathering
+    through a table (never index with ``-1``).
     """
 
 
@@ -76,7 +105,12 @@ def moe_core_after_gate_up(x: torch.Tensor, gate_up: torch.Tensor, topk_weights:
     :param layer: the frozen layer spec.
     :returns: nothing; return values are ignored.
 
-    A raising implementation aborts the forward with :class:`~moe_core.errors.HookError`.
+    A raising implementation aborts the forward with :class:`~moe_core.errors.HookError`
+    naming the plugin and the hook; no output is returned.
+
+    Use from plugins: LoRA adds ``(x·Aᵀ)·Bᵀ`` per slot here, weighted like the buffer (only
+    when ``apply_router_weight_on_input``), with an fp32 intermediate. No host sync, no
+    data-dependent allocation (CUDA-graph capture).
     """
 
 
@@ -97,5 +131,10 @@ def moe_core_after_down(act: torch.Tensor, down: torch.Tensor, topk_weights: tor
     :param layer: the frozen layer spec.
     :returns: nothing; return values are ignored.
 
-    A hook adds its delta with the weighting of the buffer it edits.
+    A raising implementation aborts the forward with :class:`~moe_core.errors.HookError`
+    naming the plugin and the hook; no output is returned.
+
+    Use from plugins: a hook adds its delta with the weighting of the buffer it edits (times
+    the routed weight unless ``apply_router_weight_on_input`` or ``no_combine``) and never
+    writes rows whose id is ``-1``. No host sync, no data-dependent allocation.
     """

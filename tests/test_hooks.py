@@ -350,3 +350,19 @@ def test_runner_register_rejects_malformed_plugins_and_keeps_nothing() -> None:
     with pytest.raises(PluginRegistrationError, match="already registered"):
         runner.register(Good(), name="lora")
     assert [i.plugin for i in runner._pm.hook.moe_core_after_down.get_hookimpls()] == [good]
+
+
+def test_hookspecs_document_their_contract() -> None:
+    from moe_core import hookspecs
+
+    specs = {n: getattr(hookspecs, n) for n in dir(hookspecs) if n.startswith("moe_core_")}
+    assert set(specs) == {"moe_core_map_expert_ids", "moe_core_after_gate_up", "moe_core_after_down"}
+    for name, spec in specs.items():
+        opts = getattr(spec, f"{hookspecs.PROJECT_NAME}_spec")
+        doc = spec.__doc__
+        for arg in spec.__code__.co_varnames[:spec.__code__.co_argcount]:
+            assert f":param {arg}:" in doc, (name, arg)
+        assert ":returns:" in doc and "Called" in doc, name
+        assert ("Stops at first non-None result." in doc) == opts["firstresult"], name
+        assert not opts["historic"], name
+    assert getattr(specs["moe_core_map_expert_ids"], "moe_core_spec")["firstresult"]
