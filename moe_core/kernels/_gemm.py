@@ -117,7 +117,8 @@ def _grouped_gemm_kernel(
             wq = tl.where(k_mask[:, None],
                           tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None]).to(tl.float32), 0.0)
         else:
-            wq = tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None], other=0)
+            # float zero: int8/uint8 take it as 0, and int -> fp8 casts do not exist
+            wq = tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None], other=0.0)
         if QUANT == 4 or QUANT == 5:
             # weight-only grouped: dequantize the tile before the dot
             g_idx = k_idx[:, None] // group_k
