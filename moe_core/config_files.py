@@ -30,7 +30,7 @@ Dir = Union[Path, "Traversable"]
 
 _NAME_RE = re.compile(
     r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]*?)"
-    r"(?:,dtype=(?P<dtype>[A-Za-z0-9_]+))?"
+    r"(?:,dtype=(?P<dtype>[A-Za-z0-9_]+?))?"
     r"(?:,block_shape=\[(?P<bn>\d+), ?(?P<bk>\d+)\])?"
     r"(?P<per_channel>,per_channel_quant=True)?"
     r"(?P<down>_down)?\.json$")

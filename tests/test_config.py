@@ -98,6 +98,17 @@ def test_file_name_ours_and_round_trip() -> None:
     assert config_file_name(FileKey(E=1, N=2, device_name="X", block_shape=(0, 0))) == "E=1,N=2,device_name=X.json"
 
 
+@pytest.mark.parametrize("dtype", [None, "float32", "fp8_w8a8", "int8_w8a16"])
+@pytest.mark.parametrize("block, per_channel", [(None, False), ((128, 64), False), (None, True)])
+@pytest.mark.parametrize("down", [False, True])
+@pytest.mark.parametrize("device", ["NVIDIA_H100_80GB_HBM3", "", "AMD_Instinct_MI300X_down_x"])
+def test_file_name_round_trip_every_part(dtype: str | None, block: Any, per_channel: bool, down: bool,
+                                         device: str) -> None:
+    key = FileKey(E=64, N=1408, device_name=device, dtype=dtype, block_shape=block, per_channel=per_channel,
+                  down=down)
+    assert parse_file_name(config_file_name(key)) == key
+
+
 @pytest.mark.parametrize("name, expected", [
     ("E=8,N=64,device_name=X,dtype=fp8_w8a8,block_shape=[128, 128].json", (128, 128)),   # SGLang
     ("E=8,N=64,device_name=X,dtype=fp8_w8a8,block_shape=[128,128].json", (128, 128)),    # vLLM / ours

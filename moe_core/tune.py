@@ -1,0 +1,427 @@
+"""The kernel-config tuner behind ``moe-core tune`` (issue 4).
+
+For each batch size M it times candidate configs of one grouped GEMM in isolation, through
+the backend's ``gemm`` step with aligned inputs (:func:`moe_core.moe_align_block_size`) and
+the launch config the resolver makes of :func:`moe_core.override_config`. gemm1 and gemm2 are
+tuned separately; gemm2 (the ``_down`` table) keeps gemm1's ``BLOCK_SIZE_M`` because both
+share one alignment. Each candidate's output is checked against the torch backend before it
+is timed (CUDA-graph replays by default; the timer is injectable). Candidates that fail to
+compile or run out of resources are skipped. Results go to
+``OUT/triton_X_Y_Z/<our file name>`` after every batch size, so a partial run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import attrs
+import torch
+
+from moe_core import config as _config
+from moe_core import config_files as files
+from moe_core.errors import ConfigError, MoEInputError
+from moe_core.spec import QuantSpec
+
+if TYPE_CHECKING:
+    from moe_core.backend import Backend
+    from moe_core.presets import Preset
+
+__all__ = ["DEFAULT_BATCH_SIZES", "ACT_DTYPES", "SCHEMES", "TuneSpec", "search_space", "tune",
+           "cuda_graph_timer", "wall_timer", "GemmResult", "Timer"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+ACT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SCHEMES = ("fp8_w8a8", "int8_w8a8", "int8_w8a16", "int4_w4a16")
+#: ``timer(fn) -> milliseconds per call of fn``
+Timer = Callable[[Callable[[], Any]], float]
+_KEY_ORDER = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "USE_TMA")
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+@attrs.frozen
+class TuneSpec:
+    """The layer and quantization one tuning run is for.
+
+    :param E: local experts; :param I: intermediate size per partition (file ``N``);
+    :param H: hidden size; :param top_k: ``k``; :param is_gated: ``w1`` has ``2·I`` rows.
+    :param act_dtype: compute dtype; :param scheme: ``none`` or one of :data:`SCHEMES`.
+    :param block_shape: ``(bn, bk)`` for block w8a8; :param per_channel: per-token × per-channel w8a8;
+    :param group_size: group of weight-only schemes.
+    """
+
+    E: int
+    I: int
+    H: int
+    top_k: int
+    is_gated: bool = True
+    act_dtype: torch.dtype = torch.bfloat16
+    scheme: str = "none"
+    block_shape: tuple[int, int] | None = attrs.field(
+        default=None, converter=lambda b: tuple(b) if b is not None and all(b) else None)
+    per_channel: bool = False
+    group_size: int | None = None
+
+    @classmethod
+    def from_preset(cls, preset: Preset, dtype: str, *, block_shape: Sequence[int] | None = None,
+                    per_channel: bool = False, group_size: int | None = None, tp: int = 1,
+                    act_dtype: str = "bfloat16") -> TuneSpec:
+        """The spec of ``preset`` for ``dtype`` (an activation dtype name or a scheme of :data:`SCHEMES`)."""
+        layer = preset.layer(tp=tp)
+        if dtype in ACT_DTYPES:
+            act, scheme = ACT_DTYPES[dtype], "none"
+        elif dtype in SCHEMES:
+            act, scheme = ACT_DTYPES[act_dtype], dtype
+        else:
+            raise MoEInputError(f"dtype: expected one of {sorted(ACT_DTYPES) + list(SCHEMES)}, got {dtype!r}")
+        if scheme in ("int4_w4a16",) and group_size is None:
+            group_size = 128
+        return cls(E=layer.num_local_experts, I=layer.intermediate_size, H=layer.hidden_size,
+                   top_k=layer.top_k, is_gated=layer.is_gated, act_dtype=act, scheme=scheme,
+                   block_shape=tuple(block_shape) if block_shape else None, per_channel=per_channel,
+                   group_size=group_size if scheme in ("int8_w8a16", "int4_w4a16") else None)
+
+    def dims(self, gemm: str) -> tuple[int, int]:
+        """``(N_out, K)`` of gemm1 (``up``) or gemm2 (``down``)."""
+        if gemm == "up":
+            return (2 * self.I if self.is_gated else self.I), self.H
+        return self.H, self.I
+
+    def quant(self, w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              w1_zp: torch.Tensor | None = None, w2_zp: torch.Tensor | None = None) -> QuantSpec:
+        """The :class:`QuantSpec` (placeholder scales when none are given)."""
+        if self.scheme == "none":
+            return QuantSpec.none()
+        s1 = w1_scale if w1_scale is not None else torch.ones(1)
+        s2 = w2_scale if w2_scale is not None else s1
+        if self.scheme in ("fp8_w8a8", "int8_w8a8"):
+            ctor = QuantSpec.fp8_w8a8 if self.scheme == "fp8_w8a8" else QuantSpec.int8_w8a8
+            return ctor(s1, s2, per_channel=self.per_channel, block_shape=self.block_shape)
+        if self.scheme == "int8_w8a16":
+            return QuantSpec.int8_w8a16(s1, s2, group_size=self.group_size, w1_zp=w1_zp, w2_zp=w2_zp)
+        return QuantSpec.int4_w4a16(s1, s2, group_size=self.group_size, w1_zp=w1_zp, w2_zp=w2_zp)
+
+    def file_key(self, device_name: str, gemm: str) -> files.FileKey:
+        """The config-file key of ``gemm`` on ``device_name``."""
+        return files.FileKey(E=self.E, N=self.I, device_name=device_name,
+                             dtype=self.quant().config_dtype(self.act_dtype), block_shape=self.block_shape,
+                             per_channel=self.per_channel, down=gemm == "down")
+
+    def operand_bytes(self) -> tuple[float, float]:
+        """Bytes per input and per weight element (for the shared-memory estimate)."""
+        act = float(torch.empty((), dtype=self.act_dtype).element_size())
+        a = 1.0 if self.scheme in ("fp8_w8a8", "int8_w8a8") else act
+        b = {"none": act, "int4_w4a16": 0.5}.get(self.scheme, 1.0)
+        return a, b
+
+
+def search_space(spec: TuneSpec, gemm: str, M: int, *, fast: bool = False, has_tma: bool = False,
+                 smem_limit: int | None = None, block_m: int | None = None) -> list[dict[str, Any]]:
+    """The pruned candidate configs of ``gemm`` at batch size ``M``.
+
+    Pruning: ``BLOCK_SIZE_M`` up to the (power-of-two) mean slots per expert; ``BLOCK_SIZE_N``
+    and ``BLOCK_SIZE_K`` no larger than the problem; ``BLOCK_SIZE_K`` dividing the quant
+    block/group; ``GROUP_SIZE_M > 1`` only with enough row blocks; 8 warps only for large tiles;
+    configs over the shared-memory limit dropped; ``USE_TMA`` variants only for gemm2 when
+    ``has_tma``. ``block_m`` pins ``BLOCK_SIZE_M`` (gemm2 shares gemm1's).
+    """
+    n_out, K = spec.dims(gemm)
+    per_expert = math.ceil(M * spec.top_k / spec.E)
+    bm_cap = max(16, min(128, _pow2_at_least(per_expert)))
+    bms = [block_m] if block_m is not None else [b for b in (16, 32, 64, 128) if b <= bm_cap]
+    bns = (64, 128) if fast else (32, 64, 128, 256)
+    bks = (64, 128) if fast else (32, 64, 128, 256)
+    bns = [b for b in bns if b <= max(32, _pow2_at_least(n_out))] or [bns[0]]
+    bks = [b for b in bks if b <= max(32, _pow2_at_least(K))] or [bks[0]]
+    divisor = spec.block_shape[1] if spec.block_shape else spec.group_size
+    if divisor:
+        bks = [b for b in bks if divisor % b == 0] or [max((b for b in (32, 64, 128, 256) if divisor % b == 0),
+                                                            default=16)]
+    stages = (3, 4) if fast else (2, 3, 4, 5)
+    a_bytes, b_bytes = spec.operand_bytes()
+    out: list[dict[str, Any]] = []
+    for bm in bms:
+        row_blocks = math.ceil(M * spec.top_k / bm)
+        gms = [1] if row_blocks < 16 else ((1, 16) if fast else (1, 16, 32, 64))
+        for bn in bns:
+            warps = (4, 8) if bm * bn >= 8192 else (4,)
+            for bk in bks:
+                for gm in gms:
+                    for w in warps:
+                        for s in stages:
+                            cfg = {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
+                                   "GROUP_SIZE_M": gm, "num_warps": w, "num_stages": s}
+                            if smem_limit and _config.estimate_shared_memory(cfg, a_bytes, b_bytes) > smem_limit:
+                                continue
+                            out.append(cfg)
+                            if gemm == "down" and has_tma:
+                                out.append({**cfg, "USE_TMA": True})
+    return out
+
+
+def wall_timer(fn: Callable[[], Any], *, reps: int = 3) -> float:
+    """Mean wall-clock milliseconds of ``fn`` (CPU / interpreter runs)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / reps
+
+
+def cuda_graph_timer(fn: Callable[[], Any], *, rep_ms: int = 20) -> float:
+    """Median milliseconds of ``fn`` from CUDA-graph replays (``triton.testing.do_bench_cudagraph``)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
+@attrs.define
+class GemmResult:
+    """Outcome of tuning one GEMM at one batch size."""
+
+    M: int
+    config: dict[str, Any] | None
+    time_ms: float | None
+    default_config: dict[str, Any] | None = None
+    default_ms: float | None = None
+    tried: int = 0
+    skipped: int = 0
+    wrong: int = 0
+
+
+class _Bench:
+    """Random weights for one GEMM, per-M inputs, alignments and the torch-backend reference."""
+
+    def __init__(self, backend: Backend, spec: TuneSpec, gemm: str, device: torch.device, seed: int) -> None:
+        self.backend, self.spec, self.gemm, self.device = backend, spec, gemm, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.n_out, self.K = spec.dims(gemm)
+        self.w, self.w_scale, self.w_zp = self._weights()
+        self.quant = spec.quant(self.w_scale, self.w_scale, self.w_zp, self.w_zp)
+        self._M: int | None = None
+
+    def _randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen, device=self.device) * 0.1
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """[E, N_out, K] weights, built in chunks of experts to bound peak memory."""
+        from moe_core.testing import quantize_weights as qw
+
+        spec, E = self.spec, self.spec.E
+        chunk = max(1, (1 << 26) // max(1, self.n_out * self.K))
+        parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+        for start in range(0, E, chunk):
+            w = self._randn(min(chunk, E - start), self.n_out, self.K)
+            if spec.scheme == "none":
+                parts.append((w.to(spec.act_dtype), None, None))
+            elif spec.scheme in ("fp8_w8a8", "int8_w8a8"):
+                qdtype = self.backend.fp8_dtype if spec.scheme == "fp8_w8a8" else torch.int8
+                parts.append((*qw.quantize_w8a8(w, qdtype, per_channel=spec.per_channel,
+                                                block_shape=spec.block_shape), None))
+            elif spec.scheme == "int8_w8a16":
+                parts.append(qw.quantize_int8_w8a16(w, group_size=spec.group_size))
+            else:
+                parts.append(qw.quantize_int4_w4a16(w, group_size=spec.group_size))
+        cat = [torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(3)]
+        return cat[0], cat[1], cat[2]
+
+    def set_batch(self, M: int) -> None:
+        """Fresh routing, input, output buffer, alignments and reference for ``M`` tokens."""
+        from moe_core.reference import TorchBackend
+
+        spec, k = self.spec, self.spec.top_k
+        self._M = M
+        rows = M if self.gemm == "up" else M * k
+        logits = torch.rand(M, spec.E, generator=self.gen, device=self.device)
+        self.topk_weights, ids = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+        self.topk_ids = ids.to(torch.int32)
+        a = self._randn(rows, self.K).to(spec.act_dtype)
+        self.a, self.a_scale = a, None
+        if self.quant.is_w8a8:
+            self.a, self.a_scale = self.backend.quantize_activation(a, self.quant, None)
+        self.top_k = k if self.gemm == "up" else 1
+        self.mul = self.gemm == "down"
+        self.out = torch.empty((M * k, self.n_out), dtype=spec.act_dtype, device=self.device)
+        self._aligned: dict[int, tuple[torch.Tensor, ...]] = {}
+        ref = torch.empty_like(self.out)
+        TorchBackend().gemm(self.a, self.w, ref, config={"BLOCK_SIZE_M": 16}, **self._common(16))
+        self.ref = ref
+
+    def _common(self, block_m: int) -> dict[str, Any]:
+        from moe_core.align import moe_align_block_size
+
+        if block_m not in self._aligned:
+            self._aligned[block_m] = moe_align_block_size(self.topk_ids, block_m, self.spec.E)
+        sorted_ids, expert_ids, n_post = self._aligned[block_m]
+        return dict(a_scale=self.a_scale, w_scale=self.w_scale, w_zp=self.w_zp, bias=None,
+                    topk_weights=self.topk_weights, sorted_token_ids=sorted_ids, expert_ids=expert_ids,
+                    num_tokens_post_padded=n_post, top_k=self.top_k, mul_routed_weight=self.mul,
+                    quant=self.quant)
+
+    def launcher(self, config: dict[str, Any]) -> Callable[[], Any]:
+        kwargs = self._common(config["BLOCK_SIZE_M"])
+        backend, a, w, out = self.backend, self.a, self.w, self.out
+        return lambda: backend.gemm(a, w, out, config=config, **kwargs)
+
+    def launch_config(self, candidate: dict[str, Any]) -> dict[str, Any]:
+        """What the resolver launches for ``candidate`` given through ``override_config``."""
+        spec = self.spec
+        with _config.override_config(candidate):
+            r = _config.resolve_configs(self.backend, M=self._M, E=spec.E, I=spec.I, H=spec.H,
+                                        top_k=spec.top_k, act_dtype=spec.act_dtype, quant=self.quant,
+                                        has_hooks=False)
+        return r.config if self.gemm == "up" else r.down_config
+
+    def check(self) -> bool:
+        from moe_core.testing import normalized_errors, tolerance_for
+
+        if not torch.isfinite(self.out).all():
+            return False
+        max_err, rms_err = normalized_errors(self.out, self.ref)
+        maxtol, rmstol = tolerance_for(self.spec.act_dtype)
+        return max_err <= maxtol and rms_err <= rmstol
+
+
+def _fatal(exc: BaseException) -> bool:
+    """A CUDA error poisons the context: stop instead of skipping."""
+    text = str(exc)
+    return "illegal memory access" in text or ("CUDA error" in text and "out of resource" not in text)
+
+
+def _try(bench: _Bench, candidate: dict[str, Any], timer: Timer, *, exact: bool = True) -> tuple[str, float | None]:
+    """``("ok", ms)``, ``("skipped", None)`` (fails to compile/launch or, with ``exact``, the
+    resolver changed it) or ``("wrong", None)`` (output differs from the torch backend)."""
+    try:
+        launch = bench.launch_config(candidate)
+    except ConfigError as exc:
+        logger.debug("candidate %s rejected: %s", candidate, exc)
+        return "skipped", None
+    if exact and launch != candidate:
+        logger.debug("candidate %s launches as %s; skipped", candidate, launch)
+        return "skipped", None
+    fn = bench.launcher(launch)
+    try:
+        bench.out.fill_(float("nan"))
+        fn()
+        if not bench.check():
+            logger.info("candidate %s gives a wrong result; skipped", candidate)
+            return "wrong", None
+        return "ok", float(timer(fn))
+    except Exception as exc:  # compile errors, out of resources, unsupported combinations
+        if _fatal(exc):
+            raise
+        logger.debug("candidate %s failed: %s: %s", candidate, type(exc).__name__, exc)
+        return "skipped", None
+
+
+def _ordered(config: dict[str, Any]) -> dict[str, Any]:
+    keys = [k for k in _KEY_ORDER if k in config] + sorted(k for k in config if k not in _KEY_ORDER)
+    return {k: config[k] for k in keys}
+
+
+def _write_json(path: Path, body: dict[str, Any]) -> None:
+    """Atomic write (temp file + rename) so an interrupted run leaves a valid partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(body, indent=4) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_partial(path: Path) -> dict[int, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    return files.load_table(path)
+
+
+def tune(backend: Backend, spec: TuneSpec, *, out_dir: str | Path,
+         batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES, gemms: Sequence[str] = ("up", "down"),
+         fast: bool = False, timer: Timer | None = None, device_name: str | None = None, seed: int = 0,
+         progress: bool = True) -> dict[str, dict[int, GemmResult]]:
+    """Tune ``gemms`` of ``spec`` on ``backend`` for every batch size; write our JSON files.
+
+    :param out_dir: results go to ``out_dir/triton_X_Y_Z/<file name>``; batch sizes already
+        in such a file are kept (resume). Timings go to ``out_dir/timings/...``.
+    :param timer: ``timer(fn) -> ms``; default CUDA-graph replays on a GPU, wall clock otherwise.
+    :returns: ``{gemm: {M: GemmResult}}`` for the batch sizes tuned in this call.
+    """
+    from tqdm.auto import tqdm
+
+    device = backend.device()
+    timer = timer or (cuda_graph_timer if device.type == "cuda" else wall_timer)
+    name = device_name or backend.device_name()
+    folder = Path(out_dir) / files.triton_folder()
+    smem = _config._safe(backend.shared_memory_limit, None)
+    tma = bool(_config._safe(backend.has_tma, False))
+    batch_sizes = sorted(set(int(m) for m in batch_sizes))
+    results: dict[str, dict[int, GemmResult]] = {}
+    up_table = _read_partial(folder / files.config_file_name(spec.file_key(name, "up")))
+    for gemm in gemms:
+        if gemm not in ("up", "down"):
+            raise MoEInputError(f"gemms: expected 'up' and/or 'down', got {gemm!r}")
+        path = folder / files.config_file_name(spec.file_key(name, gemm))
+        log_path = Path(out_dir) / "timings" / files.triton_folder() / path.name
+        table = _read_partial(path)
+        log = json.loads(log_path.read_text()) if log_path.exists() else {}
+        todo = [m for m in batch_sizes if m not in table]
+        if len(todo) < len(batch_sizes):
+            logger.info("%s: resuming, %d of %d batch sizes already tuned", path, len(batch_sizes) - len(todo),
+                        len(batch_sizes))
+        results[gemm] = {}
+        if not todo:
+            continue
+        bench = _Bench(backend, spec, gemm, device, seed)
+        for M in todo:
+            block_m = None
+            if gemm == "down" and up_table:
+                block_m = up_table[_config.nearest_key(up_table, M)]["BLOCK_SIZE_M"]
+            cands = search_space(spec, gemm, M, fast=fast, has_tma=tma, smem_limit=smem, block_m=block_m)
+            bench.set_batch(M)
+            res = GemmResult(M=M, config=None, time_ms=None)
+            bar = tqdm(cands, desc=f"{gemm} M={M}", unit="cfg", disable=None if progress else True, leave=False)
+            for cand in bar:
+                status, ms = _try(bench, cand, timer)
+                res.tried += 1
+                if status == "wrong":
+                    res.wrong += 1
+                elif status == "skipped":
+                    res.skipped += 1
+                elif res.time_ms is None or ms < res.time_ms:
+                    res.config, res.time_ms = dict(cand), ms
+                    bar.set_postfix(best=f"{ms:.4f}ms")
+            bar.close()
+            if res.config is None:
+                raise ConfigError(f"tune: no candidate of {gemm} at M={M} ran correctly on backend "
+                                  f"{backend.name!r} ({res.tried} tried, {res.skipped} failed, {res.wrong} wrong)")
+            default = _default_config(backend, spec, gemm, M, block_m)
+            status, default_ms = _try(bench, default, timer, exact=False)
+            res.default_config, res.default_ms = default, default_ms
+            logger.info("%s M=%d: best %.4f ms %s; default %s ms", gemm, M, res.time_ms, res.config,
+                        "n/a" if default_ms is None else f"{default_ms:.4f}")
+            table[M] = _ordered(res.config)
+            if gemm == "up":
+                up_table = table
+            _write_json(path, {str(m): table[m] for m in sorted(table)})
+            log[str(M)] = attrs.asdict(res)
+            _write_json(log_path, {k: log[k] for k in sorted(log, key=int)})
+            results[gemm][M] = res
+    return results
+
+
+def _default_config(backend: Backend, spec: TuneSpec, gemm: str, M: int, block_m: int | None) -> dict[str, Any]:
+    """The backend's default config for ``gemm`` at ``M`` (gemm2 with gemm1's ``BLOCK_SIZE_M``)."""
+    n_out, K = spec.dims(gemm)
+    dtype = spec.quant().config_dtype(spec.act_dtype)
+    cfg = dict(backend.default_config(M, spec.E, n_out, K, spec.top_k, dtype, spec.block_shape))
+    if block_m is not None:
+        cfg["BLOCK_SIZE_M"] = block_m
+    return cfg

@@ -1,0 +1,194 @@
+"""Tier H: the tuner's search loop on CPU with a fake backend and a fake timer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moe_core import config, config_files
+from moe_core.backend import BASE_CONFIG_KEYS
+from moe_core.errors import ConfigError
+from moe_core.reference import TorchBackend
+from moe_core.spec import QuantSpec
+from moe_core.tune import TuneSpec, search_space, tune
+
+SPEC = TuneSpec(E=4, I=64, H=128, top_k=2, act_dtype=torch.float32)
+FOLDER = config_files.triton_folder()
+
+
+class FakeBackend(TorchBackend):
+    """Torch GEMM that fails to "compile" some configs and computes others wrongly."""
+
+    name = "faketune"
+    config_keys = BASE_CONFIG_KEYS | {"USE_TMA"}
+
+    def __init__(self, tma: bool = False, smem: int | None = None) -> None:
+        self.tma, self.smem = tma, smem
+        self.seen: list[dict[str, Any]] = []
+        self.seen_up: list[dict[str, Any]] = []          # gemm1 launches (no routed weight)
+        self.last: dict[str, Any] = {}
+
+    def device_name(self) -> str:
+        return "Fake_GPU"
+
+    def has_tma(self) -> bool:
+        return self.tma
+
+    def shared_memory_limit(self) -> int | None:
+        return self.smem
+
+    @staticmethod
+    def broken(cfg: dict[str, Any]) -> bool:
+        return cfg.get("num_stages") == 4 and cfg["BLOCK_SIZE_N"] == 128
+
+    @staticmethod
+    def wrong(cfg: dict[str, Any]) -> bool:
+        return cfg["BLOCK_SIZE_K"] == 64 and cfg.get("num_stages") == 3 and cfg["BLOCK_SIZE_N"] == 64
+
+    def gemm(self, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, config: dict[str, Any],
+             **kw: Any) -> torch.Tensor:
+        from triton.runtime.errors import OutOfResources
+
+        self.seen.append(dict(config))
+        if not kw["mul_routed_weight"]:
+            self.seen_up.append(dict(config))
+        self.last = dict(config)
+        if self.broken(config):
+            raise OutOfResources(300000, 232448, "shared memory")
+        super().gemm(a, w, out, config=config, **kw)
+        if self.wrong(config):
+            out[0] += 1.0                                   # one tile silently wrong
+        return out
+
+
+def cost(cfg: dict[str, Any]) -> float:
+    """Fake time: broken and wrong configs are the cheapest, so skipping them matters."""
+    t = 10.0
+    t -= 4.0 * FakeBackend.broken(cfg) + 3.0 * FakeBackend.wrong(cfg)
+    t += cfg["BLOCK_SIZE_N"] / 64 + cfg.get("num_stages", 3) * 0.1 + cfg["BLOCK_SIZE_M"] * 0.01
+    t += cfg["GROUP_SIZE_M"] * 0.001 + cfg.get("num_warps", 4) * 0.0001 - 2.0 * cfg.get("USE_TMA", False)
+    return t
+
+
+def fake_timer(backend: FakeBackend) -> Any:
+    return lambda fn: cost(backend.last)
+
+
+def expected_best(gemm: str, M: int, backend: FakeBackend, block_m: int | None = None) -> dict[str, Any]:
+    cands = search_space(SPEC, gemm, M, fast=True, has_tma=backend.tma, block_m=block_m)
+    ok = [c for c in cands if not FakeBackend.broken(c) and not FakeBackend.wrong(c)]
+    return min(ok, key=cost)
+
+
+def test_search_space_pruning() -> None:
+    spec = TuneSpec(E=8, I=96, H=64, top_k=2, act_dtype=torch.bfloat16, scheme="fp8_w8a8", block_shape=(128, 64))
+    small = search_space(spec, "up", 1)
+    assert {c["BLOCK_SIZE_M"] for c in small} == {16}                # 1·2/8 slots per expert
+    assert {c["BLOCK_SIZE_K"] for c in small} <= {32, 64}            # divides bk = 64, <= K = 64
+    assert {c["GROUP_SIZE_M"] for c in small} == {1}
+    assert max(c["BLOCK_SIZE_N"] for c in small) == 256             # N_out = 192 -> up to 256
+    big = search_space(spec, "up", 4096)
+    assert {c["BLOCK_SIZE_M"] for c in big} == {16, 32, 64, 128}
+    assert {c["GROUP_SIZE_M"] for c in big} == {1, 16, 32, 64}
+    assert all(c["num_warps"] == 4 for c in big if c["BLOCK_SIZE_M"] * c["BLOCK_SIZE_N"] < 8192)
+    assert not any("USE_TMA" in c for c in big)
+    assert not any("USE_TMA" in c for c in search_space(spec, "up", 4096, has_tma=True))
+    down = search_space(spec, "down", 4096, has_tma=True, block_m=64)
+    assert {c["BLOCK_SIZE_M"] for c in down} == {64}
+    assert any(c.get("USE_TMA") for c in down) and any("USE_TMA" not in c for c in down)
+    limited = search_space(spec, "up", 4096, smem_limit=64 * 1024)
+    assert limited and all(config.estimate_shared_memory(c, 1, 1) <= 64 * 1024 for c in limited)
+    assert len(limited) < len(big)
+    fast = search_space(spec, "up", 4096, fast=True)
+    assert 0 < len(fast) < len(big) // 4
+
+
+def test_tune_picks_fastest_correct_candidate_and_writes_loadable_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = FakeBackend()
+    results = tune(backend, SPEC, out_dir=tmp_path, batch_sizes=[64, 1, 4], fast=True,
+                   timer=fake_timer(backend), progress=False)
+    up_path = tmp_path / FOLDER / "E=4,N=64,device_name=Fake_GPU,dtype=float32.json"
+    down_path = tmp_path / FOLDER / "E=4,N=64,device_name=Fake_GPU,dtype=float32_down.json"
+    up, down = json.loads(up_path.read_text()), json.loads(down_path.read_text())
+    assert list(up) == ["1", "4", "64"] and list(down) == ["1", "4", "64"]
+    for M in (1, 4, 64):
+        r = results["up"][M]
+        assert up[str(M)] == r.config == expected_best("up", M, backend)
+        assert r.skipped > 0 and r.wrong > 0 and r.tried == len(search_space(SPEC, "up", M, fast=True))
+        cheaper_failures = [c for c in search_space(SPEC, "up", M, fast=True)
+                            if cost(c) < r.time_ms]
+        assert cheaper_failures and all(FakeBackend.broken(c) or FakeBackend.wrong(c) for c in cheaper_failures)
+        bm = up[str(M)]["BLOCK_SIZE_M"]
+        assert down[str(M)]["BLOCK_SIZE_M"] == bm                  # gemm2 keeps gemm1's alignment
+        assert down[str(M)] == expected_best("down", M, backend, block_m=bm)
+        assert r.default_ms is not None and r.default_config is not None
+    timings = json.loads((tmp_path / "timings" / FOLDER / up_path.name).read_text())
+    assert set(timings) == {"1", "4", "64"} and timings["64"]["time_ms"] == results["up"][64].time_ms
+    # the normal lookup finds both files
+    monkeypatch.setenv("MOE_CORE_CONFIG_DIR", str(tmp_path))
+    res = config.resolve_configs(backend, M=50, E=4, I=64, H=128, top_k=2, act_dtype=torch.float32,
+                                 quant=QuantSpec.none(), has_hooks=False)
+    assert res.config == up["64"] and res.down_config == down["64"]
+    assert res.why["gemm1"]["file"] == str(up_path) and res.why["gemm2"]["file"] == str(down_path)
+
+
+def test_tune_resumes_from_partial_file(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    partial = {"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
+                     "num_warps": 4, "num_stages": 2}}
+    path = tmp_path / FOLDER / "E=4,N=64,device_name=Fake_GPU,dtype=float32.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(partial))
+    results = tune(backend, SPEC, out_dir=tmp_path, batch_sizes=[1, 4], gemms=("up",), fast=True,
+                   timer=fake_timer(backend), progress=False)
+    assert set(results["up"]) == {4}                                # M = 1 was not re-tuned
+    body = json.loads(path.read_text())
+    assert body["1"] == partial["1"] and body["4"] == expected_best("up", 4, backend)
+    seen = len(backend.seen)
+    again = tune(backend, SPEC, out_dir=tmp_path, batch_sizes=[1, 4], gemms=("up",), fast=True,
+                 timer=fake_timer(backend), progress=False)
+    assert again == {"up": {}} and len(backend.seen) == seen          # nothing left: nothing launched
+    path.write_text('{"1": {"BLOCK_SIZE_M": 16')
+    with pytest.raises(ConfigError, match="corrupt"):
+        tune(backend, SPEC, out_dir=tmp_path, batch_sizes=[1, 8], gemms=("up",), fast=True,
+             timer=fake_timer(backend), progress=False)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_tma_candidates_only_for_gemm2_with_descriptors(tmp_path: Path, tma: bool) -> None:
+    spec = TuneSpec(E=2, I=32, H=64, top_k=1, act_dtype=torch.float32)
+    backend = FakeBackend(tma=tma)
+    tune(backend, spec, out_dir=tmp_path, batch_sizes=[128], fast=True, timer=fake_timer(backend), progress=False)
+    up = json.loads((tmp_path / FOLDER / "E=2,N=32,device_name=Fake_GPU,dtype=float32.json").read_text())
+    down = json.loads((tmp_path / FOLDER / "E=2,N=32,device_name=Fake_GPU,dtype=float32_down.json").read_text())
+    assert "USE_TMA" not in up["128"]
+    assert down["128"].get("USE_TMA", False) is tma                 # the fake timer favours TMA
+    assert any(c.get("USE_TMA") for c in backend.seen) is tma
+    assert backend.seen_up and not any(c.get("USE_TMA") for c in backend.seen_up)
+
+
+def test_tune_block_quant_on_cpu(tmp_path: Path) -> None:
+    """fp8 block weights: inputs quantized once, BLOCK_SIZE_K divides bk, output checked."""
+    spec = TuneSpec(E=4, I=64, H=128, top_k=2, act_dtype=torch.float32, scheme="fp8_w8a8", block_shape=(64, 64))
+    backend = FakeBackend()
+    res = tune(backend, spec, out_dir=tmp_path, batch_sizes=[4], gemms=("up",), fast=True,
+               timer=fake_timer(backend), progress=False)
+    best = res["up"][4].config
+    assert best is not None and 64 % best["BLOCK_SIZE_K"] == 0
+    assert (tmp_path / FOLDER / "E=4,N=64,device_name=Fake_GPU,dtype=fp8_w8a8,block_shape=[64,64].json").exists()
+
+
+def test_tune_fails_loudly_when_nothing_runs(tmp_path: Path) -> None:
+    class Broken(FakeBackend):
+        def gemm(self, *a: Any, **k: Any) -> torch.Tensor:
+            raise RuntimeError("PassManager::run failed")
+
+    with pytest.raises(ConfigError, match="no candidate of up at M=1"):
+        tune(Broken(), SPEC, out_dir=tmp_path, batch_sizes=[1], gemms=("up",), fast=True,
+             timer=lambda fn: 1.0, progress=False)
+    assert not (tmp_path / FOLDER).exists() or not any((tmp_path / FOLDER).iterdir())
