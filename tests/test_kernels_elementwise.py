@@ -57,13 +57,14 @@ def test_activation_matches_torch(device: str, dtype: torch.dtype, act: str, gat
     ref[dead] = 0
     assert torch.all(out[dead] == 0), "rows of -1 slots must be written as zeros"
     assert_close_normalized(out.double(), ref, *tolerance_for(dtype))
-    # one cast from fp32: bitwise equal to torch's fp32 math cast once (up to fp32 transcendental ulps)
+    # one cast from fp32: within one unit in the last place of torch's fp32 math cast once
+    # (plus fp32 transcendental differences, which cancellation in gelu(x < -3) magnifies)
     if dtype != torch.float32:
         want = apply_activation(gate_up.float(), _layer(act, gated, layout, alpha, limit, N)).to(dtype)
         want[dead] = 0
         diff = (out.float() - want.float()).abs()
         ulp = want.float().abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)
-        assert torch.all(diff <= ulp + 1e-6), "not cast once from fp32"
+        assert torch.all(diff <= ulp + 1e-4 * want.float().abs().max()), "not cast once from fp32"
 
 
 @pytest.mark.parametrize("device", _devices())
