@@ -32,6 +32,12 @@ def qmax_of(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+def _div_qmax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """``amax / qmax`` as an IEEE division on every device (CUDA turns ``tensor / python_float``
+    into a multiply by the rounded reciprocal, which the Triton kernels do not do)."""
+    return amax / torch.full_like(amax, qmax)
+
+
 def _expand_groups(scale: torch.Tensor, size: int, group: int) -> torch.Tensor:
     """Repeat the last dim of ``scale`` ``group`` times and crop to ``size``."""
     return scale.repeat_interleave(group, dim=-1)[..., :size]
@@ -51,13 +57,13 @@ def quantize_activation(a: torch.Tensor, quant: QuantSpec, scale: torch.Tensor |
         bk = quant.block_shape[1]
         groups = -(-K // bk)
         padded = torch.nn.functional.pad(a32.abs(), (0, groups * bk - K))
-        s = padded.view(rows, groups, bk).amax(dim=-1).clamp(min=EPS) / qmax
+        s = _div_qmax(padded.view(rows, groups, bk).amax(dim=-1).clamp(min=EPS), qmax)
         full = _expand_groups(s, K, bk)
     elif quant.per_channel:
-        s = a32.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / qmax
+        s = _div_qmax(a32.abs().amax(dim=-1, keepdim=True).clamp(min=EPS), qmax)
         full = s
     else:
-        s = (a32.abs().amax() if a32.numel() else a32.new_zeros(())).clamp(min=EPS).reshape(1) / qmax
+        s = _div_qmax((a32.abs().amax() if a32.numel() else a32.new_zeros(())).clamp(min=EPS).reshape(1), qmax)
         full = s
     q = a32 / full
     if qdtype == torch.int8:
