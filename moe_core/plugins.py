@@ -21,6 +21,8 @@ Duplicate metadata of one distribution (a stale ``.egg-info`` beside the install
 distribution name, keeping the copy ``importlib`` itself would pick — the one found first
 on ``sys.path``; within one directory ``.dist-info`` beats ``.egg-info``, then the higher
 version. One entry-point name in two *different* distributions is an error naming both.
+Each distribution's metadata is read on its own: a malformed ``entry_points.txt`` is
+recorded (as ``entry_points.txt`` of group ``metadata``) and hides only its own plugins.
 """
 
 from __future__ import annotations
@@ -92,9 +94,13 @@ class BackendInfo:
         return bool(ok), str(reason)
 
     def describe(self) -> str:
-        """One line: name, state, distribution and version, availability and its reason."""
-        ok, reason = self.available
+        """One line: name, state, distribution and version, availability and its reason
+        (for hook plugins and metadata entries: the error, if any)."""
         where = f"{self.distribution} {self.version}".strip()
+        if self.group != BACKENDS_GROUP:
+            error = f": {type(self.error).__name__}: {self.error}" if self.error is not None else ""
+            return f"{self.name} [{self.state}] (distribution {where}){error}"
+        ok, reason = self.available
         return (f"{self.name} [{self.state}] (distribution {where}): "
                 f"{'available' if ok else 'unavailable'}{': ' + reason if reason else ''}")
 
@@ -116,45 +122,62 @@ def _dist(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
     return dist.name or "<unknown>", dist.version or ""
 
 
-def _path_rank(dist: Any) -> tuple[int, int]:
-    """Where importlib would find ``dist``: (index of its directory on sys.path,
-    0 for ``.dist-info`` / 1 for other metadata)."""
+def _rank(dist: importlib.metadata.Distribution, path: list[str]) -> tuple[Any, ...]:
+    """Sort key among copies of one distribution's metadata, best first: the directory
+    found first on ``sys.path`` (what ``importlib`` picks), then ``.dist-info`` before
+    ``.egg-info``, then the higher version."""
     try:
         where = os.path.realpath(str(dist.locate_file("")))
-    except Exception:  # exotic finders: rank last
-        return len(sys.path), 1
-    index = len(sys.path)
-    for i, entry in enumerate(sys.path):
-        if os.path.realpath(entry or os.getcwd()) == where:
-            index = i
-            break
-    kind = 0 if dist.read_text("METADATA") is not None else 1
-    return index, kind
+        index = path.index(where) if where in path else len(path)
+        kind = 0 if dist.read_text("METADATA") is not None else 1
+        version = dist.version or ""
+    except Exception:  # exotic finders or unreadable metadata: rank last
+        return (len(path), 2, (), "")
+    return (index, kind, tuple(-int(p) for p in re.findall(r"\d+", version)), version)
 
 
-def _dedupe_key(ep: importlib.metadata.EntryPoint) -> tuple[Any, ...]:
-    dist = getattr(ep, "dist", None)
-    if dist is None:
-        return (len(sys.path), 1, "", ep.value)
-    index, kind = _path_rank(dist)
-    # higher version first: sort on the negated tuple of numeric parts, then the raw string
-    parts = tuple(-int(p) for p in re.findall(r"\d+", dist.version or ""))
-    return (index, kind, parts, dist.version or "", ep.value)
+@attrs.frozen
+class _Discovery:
+    """What the installed metadata declares: entry points per group, unreadable metadata."""
+
+    #: group -> entry points, one per (name, distribution), sorted by (name, distribution, value)
+    entry_points: dict[str, list[importlib.metadata.EntryPoint]]
+    #: (distribution name, version, exception) for each ``entry_points.txt`` that failed to parse
+    broken: list[tuple[str, str, BaseException]]
 
 
-def _entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
-    """The group's entry points: one per (name, normalised distribution), sorted by
-    (name, distribution, value) — independent of discovery order."""
-    best: dict[tuple[str, str], importlib.metadata.EntryPoint] = {}
-    for ep in importlib.metadata.entry_points(group=group):
-        key = (ep.name, _normalize(_dist(ep)[0]))
-        kept = best.get(key)
-        if kept is None or _dedupe_key(ep) < _dedupe_key(kept):
-            if kept is not None:
-                logger.debug("entry point %s of %s: duplicate metadata, keeping %s %s", ep.name, key[1],
-                             *_dist(ep))
-            best[key] = ep
-    return sorted(best.values(), key=lambda ep: (ep.name, _normalize(_dist(ep)[0]), ep.value))
+def _discover() -> _Discovery:
+    """Read every distribution's entry points, one distribution at a time, so one
+    malformed ``entry_points.txt`` hides only its own plugins. Copies of one distribution's
+    metadata (a stale ``.egg-info`` beside the installed ``.dist-info``) count once."""
+    copies: dict[str, list[importlib.metadata.Distribution]] = {}
+    for dist in importlib.metadata.distributions():
+        try:
+            name = dist.name
+        except Exception:  # no readable METADATA: importlib skips it too
+            continue
+        if name:
+            copies.setdefault(_normalize(name), []).append(dist)
+    path = [os.path.realpath(entry or os.getcwd()) for entry in sys.path]
+    found: dict[str, list[importlib.metadata.EntryPoint]] = {group: [] for group in GROUPS}
+    broken: list[tuple[str, str, BaseException]] = []
+    for key in sorted(copies):
+        dists = copies[key]
+        dist = dists[0] if len(dists) == 1 else min(dists, key=lambda d: _rank(d, path))
+        if len(dists) > 1:
+            logger.debug("distribution %s: %d copies of its metadata, using version %s at %s", key, len(dists),
+                         dist.version, dist.locate_file(""))
+        try:
+            eps = list(dist.entry_points)
+        except Exception as exc:
+            broken.append((dist.name, dist.version or "", exc))
+            continue
+        for ep in eps:
+            if ep.group in found:
+                found[ep.group].append(ep)
+    for eps in found.values():
+        eps.sort(key=lambda ep: (ep.name, _normalize(_dist(ep)[0]), ep.value))
+    return _Discovery(found, broken)
 
 
 def _new_manager() -> pluggy.PluginManager:
@@ -250,10 +273,14 @@ class _Registry:
             logger.debug("MOE_CORE_DISABLE_PLUGIN_AUTOLOAD set: no entry point loaded")
             return
         allow = envs.plugins_allowlist()
+        found = _discover()
+        for dist, version, exc in found.broken:
+            self._fail(BackendInfo(name="entry_points.txt", group="metadata", distribution=dist, version=version,
+                                   state="failed"), exc)
         seen: set[str] = set()
         for group in GROUPS:
             by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
-            for ep in _entry_points(group):
+            for ep in found.entry_points[group]:
                 by_name.setdefault(ep.name, []).append(ep)
             for name, eps in by_name.items():
                 seen.add(name)
@@ -279,7 +306,7 @@ class _Registry:
         info.error = exc
         info.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.report.append(info)
-        kind = "backend" if info.group == BACKENDS_GROUP else "hook plugin"
+        kind = {BACKENDS_GROUP: "backend", HOOKS_GROUP: "hook plugin"}.get(info.group, "metadata")
         message = (f"moe-core: {kind} {info.name!r} from distribution {info.distribution} {info.version} "
                    f"{info.state} and was skipped: {type(exc).__name__}: {exc}")
         if envs.strict_plugins():

@@ -79,18 +79,19 @@ def test_env_backend_selects_and_auto_takes_highest_priority(dists: DistFactory,
 
 def test_loading_is_lazy_and_happens_once(dists: DistFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = importlib.metadata.entry_points
+    real = importlib.metadata.distributions
 
     def counting(**kw):
-        calls.append(kw.get("group"))
+        calls.append(kw)
         return real(**kw)
 
-    monkeypatch.setattr(importlib.metadata, "entry_points", counting)
+    monkeypatch.setattr(importlib.metadata, "distributions", counting)
     assert calls == []
     moe_core.list_backends()
     plugins.load_report()
     plugins.global_hookset()
-    assert calls == [plugins.BACKENDS_GROUP, plugins.HOOKS_GROUP]
+    moe_core.MoERunner(LAYER).backend
+    assert calls == [{}]
 
 
 # -- failures -----------------------------------------------------------------------
@@ -165,7 +166,8 @@ def test_failures_while_registering_are_undone(dists: DistFactory, caplog: pytes
     assert "lora_index" in str(hook.error) and "moe-core-halfhook" in str(hook.error)
     hooks = plugins.global_hookset()
     assert hooks.after_down is None and hooks.after_gate_up is None
-    assert [n for n, _ in plugins._REGISTRY.hooks.list_name_plugin()] == ["moe-core:filter_expert"]
+    registered = [n for n, _ in plugins._REGISTRY.hooks.list_name_plugin()]
+    assert "moe-core:filter_expert" in registered and not [n for n in registered if "halfhook" in n]
     assert len(plugin_warnings(caplog)) == 3
 
 
@@ -288,7 +290,8 @@ def test_allowlist_loads_only_named_plugins_and_warns_about_unknown(
     with caplog.at_level(logging.WARNING):
         states = {i.name: i.state for i in moe_core.list_backends()}
         plugins.load_report()
-    assert states == {"cuda": "skipped", "fake": "skipped", "torch": "loaded"}
+    assert states.pop("torch") == "loaded" and states.pop("fake") == "skipped"
+    assert set(states.values()) == {"skipped"}                     # cuda and the other in-tree backends
     assert [(i.name, i.group) for i in plugins.load_report()] == [
         ("torch", plugins.BACKENDS_GROUP), ("filter_expert", plugins.HOOKS_GROUP)]
     assert "fake_be" not in sys.modules and "myhook_mod" not in sys.modules
@@ -346,23 +349,25 @@ def test_order_does_not_depend_on_discovery_order(dists: DistFactory, monkeypatc
                   modules={f"{name}_be": backend_module("B", name, priority=i) + (
                       "import moe_core\nSEEN = []\n@moe_core.hookimpl\n"
                       f"def moe_core_after_down(down):\n    SEEN.append({name!r})\n")})
-    real = importlib.metadata.entry_points
+    real = importlib.metadata.distributions
     observed = set()
     for seed in range(4):
         def shuffled(**kw):
-            eps = list(real(**kw))
-            random.Random(seed).shuffle(eps)
-            return eps
+            found = list(real(**kw))
+            random.Random(seed).shuffle(found)
+            return found
 
-        monkeypatch.setattr(importlib.metadata, "entry_points", shuffled)
+        monkeypatch.setattr(importlib.metadata, "distributions", shuffled)
         plugins.reset()
         report = tuple((i.group, i.name, i.distribution) for i in plugins.load_report())
         hook_order = tuple(impl.plugin_name for impl in plugins._REGISTRY.hooks.hook.moe_core_after_down.get_hookimpls())
         observed.add((report, hook_order))
     assert len(observed) == 1
     report, hook_order = observed.pop()
-    assert [n for g, n, _ in report if g == plugins.BACKENDS_GROUP] == ["alpha", "bravo", "charlie", "cuda",
-                                                                        "delta", "torch"]
+    mine = [n for g, n, d in report if g == plugins.BACKENDS_GROUP and d != "moe-core"]
+    assert mine == ["alpha", "bravo", "charlie", "delta"]
+    names = [n for g, n, _ in report if g == plugins.BACKENDS_GROUP]
+    assert names == sorted(names)
     assert [g for g, _, _ in report] == sorted(g for g, _, _ in report)      # backends, then hooks
     assert hook_order == tuple(f"moe-core-{n}:{n}_hook" for n in ["alpha", "bravo", "charlie", "delta"])
 
@@ -377,17 +382,36 @@ def test_stale_egg_info_shadowing_the_real_distribution(dists: DistFactory, monk
     assert (info.state, info.version) == ("loaded", "0.9")      # what importlib.metadata.version() says
     assert importlib.metadata.version("moe-core-shadow") == "0.9"
 
-    # even if discovery hands us both copies, in either order, it is one distribution, not a clash
-    both = [ep for d in importlib.metadata.distributions(path=[str(real_meta.parent), str(stale_meta.parent)])
-            for ep in d.entry_points if ep.group == plugins.BACKENDS_GROUP]
-    assert len(both) == 2
-    real = importlib.metadata.entry_points
-    for order in (both, both[::-1]):
-        def patched(order=order, **kw):
-            eps = [ep for ep in real(**kw) if ep.name != "shadow"]
-            return eps + order if kw.get("group") == plugins.BACKENDS_GROUP else eps
-
-        monkeypatch.setattr(importlib.metadata, "entry_points", patched)
+    # discovery sees both copies, in any order: one distribution, not a name clash
+    real = importlib.metadata.distributions
+    names = [d.metadata["Name"] for d in real()]
+    assert names.count("moe-core-shadow") + names.count("moe_core-shadow") == 2
+    for reverse in (False, True):
+        monkeypatch.setattr(importlib.metadata, "distributions",
+                            lambda reverse=reverse, **kw: sorted(real(**kw), key=lambda d: str(d.locate_file("")),
+                                                                 reverse=reverse))
         plugins.reset()
         info = next(i for i in moe_core.list_backends() if i.name == "shadow")
         assert (info.state, info.version) == ("loaded", "0.9")
+
+
+def test_stale_copy_with_other_entry_points_contributes_nothing(dists: DistFactory) -> None:
+    dists.add("moe-core-shadow", "1.0", backends={"shadow": "shadow_be:B"},
+              modules={"shadow_be": backend_module("B", "shadow")}, sub="site")
+    dists.add("moe-core-shadow", "0.9", backends={"old_name": "shadow_be:B"}, egg_info=True, sub="src")
+    names = {i.name for i in moe_core.list_backends()}
+    assert "old_name" in names and "shadow" not in names        # importlib's pick: the first on sys.path
+
+
+def test_malformed_entry_points_txt_hides_only_its_own_plugins(dists: DistFactory,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    meta = dists.add("moe-core-mangled", "0.2")
+    (meta / "entry_points.txt").write_text("[moe_core.backends]\nthis line has no equals sign\n")
+    dists.add("moe-core-fake", backends={"fake": "fake_be:B"}, modules={"fake_be": backend_module("B", "fake")})
+    with caplog.at_level(logging.WARNING):
+        states = {i.name: i.state for i in moe_core.list_backends()}
+    assert states["fake"] == states["torch"] == "loaded"
+    bad = next(i for i in plugins.load_report() if i.distribution == "moe-core-mangled")
+    assert (bad.name, bad.group, bad.state, bad.version) == ("entry_points.txt", "metadata", "failed", "0.2")
+    warned = plugin_warnings(caplog)
+    assert len(warned) == 1 and "moe-core-mangled 0.2" in warned[0]
