@@ -1,0 +1,76 @@
+"""``moe-core configs`` and ``moe-core tune`` on a CPU machine (no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_core import cli, config_files
+
+H100 = "NVIDIA_H100_80GB_HBM3"
+
+
+def entry(bm: int, bn: int = 64) -> dict[str, int]:
+    return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4,
+            "num_stages": 3}
+
+
+def test_configs_without_gpu_says_which_h100_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["configs", "--model", "qwen3-30b-a3b", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert f"device {H100} (assumed" in out
+    assert f"E=128,N=768,device_name={H100}.json" in out
+    assert f"E=128,N=768,device_name={H100}_down.json" in out
+    for tokens in ("1", "64", "4096"):
+        assert any(line.split()[:2] == [tokens, "gemm1"] for line in out.splitlines())
+
+
+def test_configs_shows_tuned_file_entry_and_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / config_files.triton_folder()
+    folder.mkdir()
+    up = folder / f"E=256,N=2048,device_name={H100},dtype=fp8_w8a8,block_shape=[128,128].json"
+    down = folder / f"E=256,N=2048,device_name={H100},dtype=fp8_w8a8,block_shape=[128,128]_down.json"
+    up.write_text(json.dumps({"1": entry(16), "64": entry(32), "4096": entry(64, 128)}))
+    down.write_text(json.dumps({"1": {**entry(16), "SPLIT_K": 1}, "64": entry(64), "4096": entry(64)}))
+    monkeypatch.setenv("MOE_CORE_CONFIG_DIR", str(tmp_path))
+    argv = ["configs", "--model", "deepseek-v3", "--dtype", "fp8_w8a8", "--block-shape", "128, 128",
+            "--tokens", "1,50,5000", "--device-name", H100]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert str(up) in out and str(down) in out and "(assumed" not in out
+    rows = {(line.split()[0], line.split()[1]): line for line in out.splitlines()
+            if line.split()[:1] in (["1"], ["50"], ["5000"])}
+    assert rows[("50", "gemm1")].split()[2:4] == ["file", "64"]
+    assert "BM=32" in rows[("50", "gemm1")] and "BM=32" in rows[("50", "gemm2")]     # shared BLOCK_SIZE_M
+    assert "shared with gemm1" in rows[("50", "gemm2")]
+    assert rows[("5000", "gemm1")].split()[3] == "4096" and "BN=128" in rows[("5000", "gemm1")]
+    assert "dropped SPLIT_K" in rows[("1", "gemm2")]
+
+
+def test_configs_torch_backend_and_unknown_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["configs", "--model", "mixtral-8x7b", "--dtype", "float32", "--backend", "torch",
+                     "--tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "backend torch; device cpu;" in out and "E=8,N=14336,device_name=cpu,dtype=float32.json" in out
+    assert cli.main(["configs", "--model", "mixtral-8x7b", "--dtype", "float32", "--backend", "nope"]) == 2
+    assert "no backend named 'nope'" in capsys.readouterr().err
+
+
+def test_tune_refuses_without_the_device(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["tune", "--model", "qwen3-30b-a3b", "--dtype", "bfloat16", "--fast"]) == 2
+    assert "not available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["configs", "--model", "qwen3-30b-a3b", "--dtype", "bfloat16", "--block-shape", "128"],
+    ["configs", "--model", "qwen3-30b-a3b", "--dtype", "bfloat16", "--tokens", "1,x"],
+    ["configs", "--model", "no-such-model", "--dtype", "bfloat16"],
+    ["tune", "--model", "qwen3-30b-a3b", "--dtype", "int3"],
+])
+def test_bad_arguments_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
