@@ -192,3 +192,19 @@ def test_tune_fails_loudly_when_nothing_runs(tmp_path: Path) -> None:
         tune(Broken(), SPEC, out_dir=tmp_path, batch_sizes=[1], gemms=("up",), fast=True,
              timer=lambda fn: 1.0, progress=False)
     assert not (tmp_path / FOLDER).exists() or not any((tmp_path / FOLDER).iterdir())
+
+
+@pytest.mark.interp
+def test_tune_through_the_triton_gemm_under_the_interpreter(tmp_path: Path) -> None:
+    """The real grouped-GEMM step (interpreted on CPU) accepts every candidate the loop launches."""
+    from moe_core.kernels.backend import TritonBackend
+
+    spec = TuneSpec(E=2, I=16, H=32, top_k=2, act_dtype=torch.float16)
+    res = tune(TritonBackend(), spec, out_dir=tmp_path, batch_sizes=[3], fast=True, timer=lambda fn: 1.0,
+               progress=False)
+    for gemm in ("up", "down"):
+        r = res[gemm][3]
+        assert r.config is not None and r.skipped == r.wrong == 0 and r.default_ms == 1.0
+    up = json.loads((tmp_path / FOLDER / "E=2,N=16,device_name=cpu.json").read_text())
+    down = json.loads((tmp_path / FOLDER / "E=2,N=16,device_name=cpu_down.json").read_text())
+    assert up["3"] == res["up"][3].config and down["3"]["BLOCK_SIZE_M"] == up["3"]["BLOCK_SIZE_M"]
