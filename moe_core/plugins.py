@@ -249,6 +249,8 @@ class _Registry:
         self.report: list[BackendInfo] = []
         self.hooks = _new_manager()
         self._hookset: HookSet | None = None
+        #: backends whose automatic selection was already logged at INFO
+        self.announced: set[str] = set()
 
     # -- loading ---------------------------------------------------------------------
     def ensure_loaded(self) -> None:
@@ -490,8 +492,12 @@ def select_backend(name: str | None, layer: Any, quant: Any) -> Backend:
             f"backends {', '.join(f'{i.name!r} (distribution {i.distribution})' for i in best)} are all "
             f"available with priority {top}; set MOE_CORE_BACKEND or pass backend= to choose, "
             "or uninstall one")
-    logger.info("backend %s selected: priority %d", best[0].name, top)
-    return best[0].backend
+    chosen = best[0]
+    level = logging.DEBUG if chosen.name in _REGISTRY.announced else logging.INFO   # one INFO per backend
+    _REGISTRY.announced.add(chosen.name)
+    logger.log(level, "backend %s selected: priority %d, distribution %s %s", chosen.name, top,
+               chosen.distribution, chosen.version)
+    return chosen.backend
 
 
 # -------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def test_core_never_imports_backends_or_hooks() -> None:
         package = ".".join(path.relative_to(ROOT).parts[:-1])
         bad += [f"{path.relative_to(ROOT)}:{line}: {name}"
                 for line, name in _imports(path.read_text(), package) if _crosses(name)]
-    assert not bad, "moe_core/ must not import from backends/ or hooks/:\n" + "\n".join(bad)
+    assert not bad, ("moe_core/ must not import from backends/ or hooks/ (type-only imports under "
+                     "TYPE_CHECKING included: describe the type in moe_core, e.g. a Protocol):\n" + "\n".join(bad))
 
 
 def test_the_import_scan_sees_every_form() -> None:

@@ -67,11 +67,15 @@ def test_good_backend_is_listed_selected_and_runs(dists: DistFactory) -> None:
     assert_close_normalized(out, oracle_moe(x, w1, w2, weights, ids), *tolerance_for(torch.float32))
 
 
-def test_env_backend_selects_and_auto_takes_highest_priority(dists: DistFactory,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_backend_selects_and_auto_takes_highest_priority(dists: DistFactory, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     dists.add("moe-core-hi", backends={"hi": "hi_be:HiBackend"},
               modules={"hi_be": backend_module("HiBackend", "hi", priority=50)})
-    assert plugins.select_backend(None, LAYER, moe_core.QuantSpec.none()).name == "hi"
+    with caplog.at_level(logging.INFO, logger="moe_core.plugins"):
+        for _ in range(3):
+            assert plugins.select_backend(None, LAYER, moe_core.QuantSpec.none()).name == "hi"
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos == ["backend hi selected: priority 50, distribution moe-core-hi 1.0"]    # once per process
     monkeypatch.setenv("MOE_CORE_BACKEND", "torch")
     assert plugins.select_backend(None, LAYER, moe_core.QuantSpec.none()).name == "torch"
     assert plugins.select_backend("hi", LAYER, moe_core.QuantSpec.none()).name == "hi"   # argument first
