@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import logging
 import threading
+import types
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import attrs
@@ -84,6 +85,7 @@ def clear_cache() -> None:
         _TABLES.clear()
         _RESOLVED.clear()
         _WARNED.clear()
+    files.triton_version.cache_clear()
 
 
 def _warn_once(token: tuple, message: str, *args: Any) -> None:
@@ -129,23 +131,25 @@ class Resolved:
 
     ``why`` holds ``gemm1`` and ``gemm2`` records (source, file, key, config, dropped keys,
     notes), the ``lookup`` facts (file names, device, Triton version, search roots) and,
-    for older readers, ``source`` (gemm1's) and ``dtype``.
+    for older readers, ``source`` (gemm1's) and ``dtype``. ``why`` is read-only (mappings
+    are ``MappingProxyType``, lists tuples).
     """
 
     config: dict[str, Any]
     down_config: dict[str, Any]
-    why: dict[str, Any]
+    why: Mapping[str, Any]
 
     def copy(self) -> Resolved:
-        """A deep copy (callers may mutate it; the memo keeps its own)."""
-        return Resolved(dict(self.config), dict(self.down_config), _thaw(self.why))
+        """Fresh config dicts (callers may mutate them); ``why`` is read-only and shared."""
+        return Resolved(dict(self.config), dict(self.down_config), self.why)
 
 
-def _thaw(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _thaw(v) for k, v in value.items()}
+def _freeze(value: Any) -> Any:
+    """Read-only view of a why record: mappings become MappingProxyType, lists tuples."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
     if isinstance(value, list):
-        return [_thaw(v) for v in value]
+        return tuple(_freeze(v) for v in value)
     return value
 
 
@@ -374,7 +378,7 @@ def resolve_configs(backend: Backend, *, M: int, E: int, I: int, H: int, top_k: 
     up_rec["config"], down_rec["config"] = dict(up), dict(down)
     why = {"source": up_rec["source"], "dtype": dtype, "gemm1": up_rec, "gemm2": down_rec,
            "lookup": lookup, "dropped_keys": sorted(set(up_rec["dropped_keys"]) | set(down_rec["dropped_keys"]))}
-    resolved = Resolved(config=up, down_config=down, why=why)
+    resolved = Resolved(config=up, down_config=down, why=_freeze(why))
     with _LOCK:
         _RESOLVED[memo_key] = resolved
     return resolved.copy()
@@ -383,13 +387,21 @@ def resolve_configs(backend: Backend, *, M: int, E: int, I: int, H: int, top_k: 
 def format_why(why: Mapping[str, Any]) -> list[str]:
     """Human-readable lines of a :class:`Resolved` ``why`` record (for ``explain`` and the CLI)."""
     lines = []
+    lookup = why.get("lookup")
+    source = why.get("gemm1", {}).get("source")
+    if isinstance(lookup, Mapping) and source in ("override_config", "deterministic default"):
+        lines.append(f"configs for M={lookup['M']}: {source}, no files searched")
+    elif isinstance(lookup, Mapping):
+        roots = ", ".join(lookup["roots"]) or "no directories"
+        lines.append(f"configs for M={lookup['M']} on {lookup['device_name'] or '?'} ({lookup['triton']}): "
+                     f"looked for {lookup['up_file_name']} and {lookup['down_file_name']} in {roots}")
     for gemm in ("gemm1", "gemm2"):
         rec = why.get(gemm)
         if not isinstance(rec, Mapping):
             continue
         where = rec["file"] or "-"
         key = "" if rec["key"] is None else f", entry {rec['key']}"
-        lines.append(f"{gemm}: {rec['source']}{key} ({where}): {rec['config']}")
+        lines.append(f"{gemm}: {rec['source']}{key} ({where}): {dict(rec['config'])}")
         if rec["dropped_keys"]:
             lines.append(f"  dropped keys: {', '.join(rec['dropped_keys'])}")
         lines.extend(f"  {note}" for note in rec["notes"])

@@ -11,6 +11,7 @@ spelling ``[bn, bk]`` and an empty ``device_name=`` are accepted too. Directorie
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -86,8 +87,9 @@ def parse_file_name(name: str) -> FileKey | None:
                    block_shape=block, per_channel=m["per_channel"] is not None, down=m["down"] is not None)
 
 
+@functools.lru_cache(maxsize=1)
 def triton_version() -> tuple[int, int, int] | None:
-    """``(X, Y, Z)`` of the running Triton, or None when Triton is missing."""
+    """``(X, Y, Z)`` of the running Triton, or None when Triton is missing (cached)."""
     try:
         import triton
     except ImportError:

@@ -100,6 +100,7 @@ class MoERunner:
         if plan is None:
             lines.append("configs: resolved at the first run")
         else:
-            for key, value in plan.why.items():
-                lines.append(f"{key}: {value}")
+            from moe_core.config import format_why
+
+            lines.extend(format_why(plan.why))
         return "\n".join(lines)

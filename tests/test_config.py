@@ -283,7 +283,7 @@ def test_whitelist_drops_unknown_keys_with_one_warning(tmp_path: Path, caplog: p
         r2 = resolve(b, M=2)
         resolve(b, M=3)
     assert "SPLIT_K" not in r1.config and "SPLIT_K" not in r1.down_config
-    assert r2.why["gemm1"]["dropped_keys"] == ["SPLIT_K", "waves_per_eu"]
+    assert r2.why["gemm1"]["dropped_keys"] == ("SPLIT_K", "waves_per_eu")
     msgs = [m for m in warnings_of(caplog) if "dropping config key" in m]
     assert len(msgs) == 2 and all(str(path) in m for m in msgs)
     assert any("'SPLIT_K'" in m for m in msgs) and any("'waves_per_eu'" in m for m in msgs)
@@ -298,7 +298,7 @@ def test_use_tma_only_with_descriptors_and_no_hooks(tmp_path: Path, tma: bool, h
     r = resolve(make_backend(tmp_path, tma=tma, keys=BASE_CONFIG_KEYS | {"USE_TMA"}), has_hooks=hooks)
     assert "USE_TMA" not in r.config                               # gemm1 never
     assert r.down_config.get("USE_TMA", False) is expected
-    assert r.why["gemm1"]["dropped_keys"] == [] and r.why["gemm2"]["dropped_keys"] == []
+    assert r.why["gemm1"]["dropped_keys"] == () and r.why["gemm2"]["dropped_keys"] == ()
 
 
 def test_block_k_clamped_to_divisor_of_bk(tmp_path: Path) -> None:
@@ -409,8 +409,9 @@ def test_memo_loads_once_and_clear_cache(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(calls) == 1                                       # up table once; no _down file
     r = resolve(b)
     r.config["BLOCK_SIZE_N"] = 999                               # callers get copies
-    r.why["gemm1"]["notes"].append("x")
-    assert resolve(b).config["BLOCK_SIZE_N"] == 64 and resolve(b).why["gemm1"]["notes"] == []
+    with pytest.raises(TypeError):
+        r.why["gemm1"]["config"]["BLOCK_SIZE_N"] = 999            # the why record is read-only
+    assert resolve(b).config["BLOCK_SIZE_N"] == 64 and resolve(b).why["gemm1"]["notes"] == ()
     config.clear_cache()
     resolve(b)
     assert len(calls) == 2
