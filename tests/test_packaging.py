@@ -209,7 +209,18 @@ def test_real_install_of_a_third_party_backend(tmp_path: Path) -> None:
     assert "failed" in rows["fake_broken"] and "yes" in rows["torch"]
     assert "moe_core_fake_vendor_runtime" in listing.stdout        # the cause, with its traceback
 
-    chosen = moe_core_cli("run", "--model", "qwen3-30b-a3b", "--tokens", "2", "--repeat", "1",
-                          MOE_CORE_BACKEND="fake")
+    select = textwrap.dedent("""
+        import torch, moe_core
+        from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
+        g = torch.Generator().manual_seed(0)
+        x, w1, w2 = torch.randn(3, 8, generator=g), torch.randn(4, 8, 8, generator=g), torch.randn(4, 8, 4, generator=g)
+        tw, ids = torch.rand(3, 2, generator=g), torch.tensor([[0, 1], [2, 3], [3, 0]], dtype=torch.int32)
+        runner = moe_core.MoERunner(moe_core.MoELayer(num_local_experts=4, top_k=2, hidden_size=8, intermediate_size=4))
+        out = runner.run(x, moe_core.ExpertWeights(w1, w2), tw, ids)
+        assert_close_normalized(out, oracle_moe(x, w1, w2, tw, ids), *tolerance_for(torch.float32))
+        print(runner.explain().splitlines()[0])
+        """)
+    chosen = subprocess.run([str(python), "-c", select], capture_output=True, text=True, timeout=300,
+                            env={**env, "MOE_CORE_BACKEND": "fake"}, cwd=tmp_path)
     assert chosen.returncode == 0, chosen.stdout + chosen.stderr
-    assert "backend fake" in chosen.stdout and "PASS" in chosen.stdout
+    assert "backend: fake (platform fake, priority -1, distribution moe-core-fake 0.3.1)" in chosen.stdout
