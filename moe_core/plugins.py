@@ -309,11 +309,11 @@ class _Registry:
         info.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.report.append(info)
         kind = {BACKENDS_GROUP: "backend", HOOKS_GROUP: "hook plugin"}.get(info.group, "metadata")
-        message = (f"moe-core: {kind} {info.name!r} from distribution {info.distribution} {info.version} "
-                   f"{info.state} and was skipped: {type(exc).__name__}: {exc}")
+        what = f"moe-core: {kind} {info.name!r} from distribution {info.distribution} {info.version}".rstrip()
+        why = f"{type(exc).__name__}: {exc}"
         if envs.strict_plugins():
-            raise PluginLoadError(message.replace("and was skipped", "") + " (MOE_CORE_STRICT_PLUGINS=1)") from exc
-        logger.warning(message)
+            raise PluginLoadError(f"{what} {info.state}: {why} (MOE_CORE_STRICT_PLUGINS=1)") from exc
+        logger.warning("%s %s and was skipped: %s", what, info.state, why)
 
     def _reject_duplicate(self, group: str, name: str, eps: list[importlib.metadata.EntryPoint]) -> None:
         dists = [_dist(ep) for ep in eps]

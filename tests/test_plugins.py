@@ -103,6 +103,7 @@ def test_loading_is_lazy_and_happens_once(dists: DistFactory, monkeypatch: pytes
 
 def test_import_error_is_recorded_warned_once_and_skipped(dists: DistFactory,
                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Bug classes 23 and 24: the failure is neither silent nor stops the plugins after it."""
     dists.add("moe-core-broken", "0.4", backends={"broken": "broken_be:BrokenBackend"},
               modules={"broken_be": "import no_such_vendor_library_xyz\n"})
     dists.add("moe-core-zz", backends={"zz": "zz_be:ZzBackend"},       # loaded after the broken one
@@ -130,6 +131,7 @@ def test_import_error_is_recorded_warned_once_and_skipped(dists: DistFactory,
 
 
 def test_explicit_request_through_env_raises_with_cause(dists: DistFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug class 23: asked for by name, a broken backend raises; no silent fallback to torch."""
     dists.add("moe-core-broken", backends={"broken": "broken_be:BrokenBackend"},
               modules={"broken_be": "raise RuntimeError('vendor driver 1.2 too old')\n"})
     monkeypatch.setenv("MOE_CORE_BACKEND", "broken")
@@ -243,6 +245,7 @@ def test_one_name_in_two_distributions_names_both(dists: DistFactory, caplog: py
 
 
 def test_priority_tie_is_an_error(dists: DistFactory) -> None:
+    """Bug class 25: two backends claiming one platform at one priority; never "first wins"."""
     for name in ("alpha", "beta"):
         dists.add(f"moe-core-{name}", backends={name: f"{name}_be:B"},
                   modules={f"{name}_be": backend_module("B", name, priority=50)})
@@ -409,6 +412,8 @@ def test_stale_copy_with_other_entry_points_contributes_nothing(dists: DistFacto
 
 def test_malformed_entry_points_txt_hides_only_its_own_plugins(dists: DistFactory,
                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Bug class 24: importlib.metadata.entry_points() raises for *every* group when one
+    distribution's entry_points.txt is malformed; we read distributions one by one."""
     meta = dists.add("moe-core-mangled", "0.2")
     (meta / "entry_points.txt").write_text("[moe_core.backends]\nthis line has no equals sign\n")
     dists.add("moe-core-fake", backends={"fake": "fake_be:B"}, modules={"fake_be": backend_module("B", "fake")})
