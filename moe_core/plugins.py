@@ -34,6 +34,7 @@ import re
 import sys
 import threading
 import traceback
+import types
 from typing import Any, Callable
 
 import attrs
@@ -621,11 +622,14 @@ def new_plugin_manager() -> pluggy.PluginManager:
 
 
 def register_hooks(pm: pluggy.PluginManager, plugin: Any, name: str | None = None) -> None:
-    """Register hook ``plugin`` (a module or an instance) on ``pm``.
+    """Register hook ``plugin`` (a module or an instance) on ``pm`` under ``name``
+    (default: the module name, or ``ClassName@0x<id>``), which errors quote.
 
     :raises PluginRegistrationError: a class instead of an instance, no hookimpl, an
         unknown hook, an argument the spec lacks, an API version mismatch, or a name or
         object already registered; nothing stays registered then.
     """
-    label = repr(name or getattr(plugin, "__name__", type(plugin).__name__))
-    _register_hook_plugin(pm, plugin, name, label)
+    if name is None:   # pluggy's default for an instance is str(id(obj)): unreadable in errors
+        name = plugin.__name__ if isinstance(plugin, types.ModuleType) else \
+            f"{type(plugin).__qualname__}@{id(plugin):#x}"
+    _register_hook_plugin(pm, plugin, name, repr(name))

@@ -206,6 +206,18 @@ def test_map_hook_returning_junk_is_a_hook_error(junk, match: str) -> None:
     assert "moe_core_map_expert_ids of plugin 'junk-mapper'" in str(err.value)
 
 
+def test_unnamed_plugin_is_named_by_its_class() -> None:
+    class AdapterHooks:
+        @hookimpl
+        def moe_core_after_down(self) -> None:
+            raise RuntimeError("no adapter slot")
+
+    runner = moe_core.MoERunner(LAYER, backend="torch")
+    runner.register(AdapterHooks())
+    with pytest.raises(HookError, match=r"of plugin '.*AdapterHooks@0x[0-9a-f]+' raised RuntimeError"):
+        run(runner)
+
+
 def test_raising_map_hook_names_the_plugin() -> None:
     ep_layer = moe_core.MoELayer(num_experts=2 * E, num_local_experts=E, top_k=K, hidden_size=H,
                                  intermediate_size=I, ep_size=2)
