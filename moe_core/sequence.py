@@ -57,6 +57,7 @@ def prepare(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
     resolved = _config.resolve_configs(
         backend, M=M, E=E, I=layer.intermediate_size, H=layer.hidden_size, top_k=layer.top_k,
         act_dtype=x.dtype, quant=weights.quant, has_hooks=hooks.any)
+    validate.check_resolved_configs(resolved.config, resolved.down_config)
     return Plan(backend=backend, layer=layer, quant=weights.quant, config=resolved.config,
                 down_config=resolved.down_config, hooks=hooks, why=resolved.why)
 

@@ -8,19 +8,19 @@ expected and the actual value.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from moe_core import envs
-from moe_core.errors import HookError, MoEInputError, MoETypeError
+from moe_core.errors import ConfigError, HookError, MoEInputError, MoETypeError
 from moe_core.spec import ExpertWeights, MoELayer, QuantSpec
 
 if TYPE_CHECKING:
     from moe_core.backend import Backend
     from moe_core.plugins import HookSet
 
-__all__ = ["check_forward", "check_mapped_ids", "expected_weight_dtypes"]
+__all__ = ["check_forward", "check_mapped_ids", "check_resolved_configs", "expected_weight_dtypes"]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
@@ -340,3 +340,16 @@ def check_mapped_ids(mapped: object, ids: torch.Tensor, num_local_experts: int) 
     if _values_checked(mapped) and mapped.numel():
         if bool(((mapped < -1) | (mapped >= num_local_experts)).any()):
             raise HookError(f"moe_core_map_expert_ids returned ids outside [-1, {num_local_experts})")
+
+
+def check_resolved_configs(config: Mapping[str, Any], down_config: Mapping[str, Any]) -> None:
+    """After resolution (step 2): ``BLOCK_SIZE_*`` powers of two >= 16 and one shared
+    ``BLOCK_SIZE_M`` (both GEMMs read one alignment). Raises ConfigError naming the key."""
+    for which, cfg in (("gemm1", config), ("gemm2", down_config)):
+        for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+            value = cfg.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ConfigError(f"{which} config: {key} must be a power of two >= 16, got {value!r} in {dict(cfg)}")
+    if config["BLOCK_SIZE_M"] != down_config["BLOCK_SIZE_M"]:
+        raise ConfigError(f"gemm2 config: BLOCK_SIZE_M = {down_config['BLOCK_SIZE_M']} differs from gemm1's "
+                          f"{config['BLOCK_SIZE_M']}; both GEMMs share one alignment")

@@ -427,3 +427,24 @@ def test_spy_sees_a_valid_launch(launches) -> None:
     with pytest.raises(BackendExecutionError, match="launched although"):
         _call(layer, x, w1, w2, tw, ids)
     assert launches == ["align"]
+
+
+@pytest.mark.parametrize("up,down,match", [
+    ({"BLOCK_SIZE_M": 24}, {}, r"^gemm1 config: BLOCK_SIZE_M must be a power of two >= 16, got 24"),
+    ({}, {"BLOCK_SIZE_K": 8}, r"^gemm2 config: BLOCK_SIZE_K must be a power of two >= 16, got 8"),
+    ({}, {"BLOCK_SIZE_M": 32}, r"^gemm2 config: BLOCK_SIZE_M = 32 differs from gemm1's 16"),
+])
+def test_resolved_configs_checked_before_launch(up: dict, down: dict, match: str, monkeypatch: pytest.MonkeyPatch,
+                                                launches) -> None:
+    from moe_core import config as config_mod
+
+    base = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+    real = config_mod.resolve_configs
+
+    def fake(*a, **k):
+        r = real(*a, **k)
+        return type(r)(config={**base, **up}, down_config={**base, **down}, why=r.why)
+
+    monkeypatch.setattr(config_mod, "resolve_configs", fake)
+    layer, x, w1, w2, tw, ids = _inputs()
+    _expect(ConfigError, match, lambda: _call(layer, x, w1, w2, tw, ids), launches)
