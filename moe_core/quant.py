@@ -10,6 +10,12 @@ Activation quantization (w8a8), ``qmax`` = 448 (fp8 e4m3fn), 240 (e4m3fnuz) or 1
 - dynamic per token group of ``bk`` (block): ``scale[r, g]`` over ``a[r, g·bk:(g+1)·bk]``.
 
 fp8 rounds to nearest even on the cast; int8 rounds half to even, then clamps to [-128, 127].
+Division is a true (IEEE) division ``a / scale``, not a multiply by a reciprocal.
+
+Rows of ``-1`` slots: gemm1 writes them as zeros and every activation maps 0 to 0, so in
+the torch backend those rows of ``act`` are exactly zero and take no part in a dynamic
+per-tensor ``amax`` of the gemm2 input. A kernel that leaves them unwritten must mask them
+out of that ``amax`` (or zero them) to give the same scale.
 """
 
 from __future__ import annotations
