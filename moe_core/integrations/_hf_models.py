@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model", "randomize_"]
+__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model", "randomize_", "capture_block_io"]
 
 _COMMON: dict[str, Any] = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
@@ -32,7 +32,7 @@ _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
                                              routed_scaling_factor=2.5, norm_topk_prob=True,
                                              num_key_value_heads=4)),
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
-                                     sliding_window=16)),
+                                     sliding_window=16, max_position_embeddings=131072)),
 }
 
 #: the architectures :func:`tiny_model` builds
@@ -82,3 +82,25 @@ def tiny_model(arch: str, *, dtype: torch.dtype = torch.float32, device: str | t
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     randomize_(model, seed)
     return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def capture_block_io(model: torch.nn.Module, blocks: dict[str, torch.nn.Module], *args: Any,
+                     **kwargs: Any) -> dict[str, tuple[torch.Tensor, Any]]:
+    """Run ``model(*args, **kwargs)`` once and record each block's input hidden states and output.
+
+    :param blocks: module name -> block (e.g. the MoE blocks of ``model``).
+    :returns: name -> (input [B, S, H] clone, output as the block returned it).
+    """
+    seen: dict[str, tuple[torch.Tensor, Any]] = {}
+    handles = []
+    for name, block in blocks.items():
+        def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: Any, name: str = name) -> None:
+            seen[name] = (inputs[0].detach().clone(), output)
+        handles.append(block.register_forward_hook(hook))
+    try:
+        model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
