@@ -68,7 +68,7 @@ def _check(out: torch.Tensor, layer, x, w1, w2, b1, b2, tw, ids, *, no_combine=F
                      round_intermediate=None if dtype == torch.float32 else dtype, **_oracle_kw(layer))
     assert out.dtype == dtype
     maxtol, rmstol = tolerance_for(dtype)
-    assert_close_normalized(out, ref, maxtol, rmstol, **ctx)
+    assert_close_normalized(out, ref, maxtol, rmstol, topk_ids=ids, **ctx)
 
 
 # -- the sampled grid of TESTING.md §4 tier A ----------------------------------------------
@@ -354,3 +354,23 @@ def test_stale_padded_rows_contribute_nothing(nan_empty) -> None:
     want = moe_core.fused_experts(x[:7].contiguous(), w1, w2, tw[:7].contiguous(), ids[:7].contiguous(), layer=layer,
                                   backend="torch")
     assert torch.equal(out[:7], want)
+
+
+def test_act_rows_of_minus_one_slots_are_zero() -> None:
+    """quant.py's per-tensor dynamic amax of the gemm2 input relies on it (see its docstring)."""
+    seen = {}
+
+    class Capture:
+        @moe_core.hookimpl
+        def moe_core_after_down(self, act, down, topk_weights, topk_ids, layer):
+            seen["act"], seen["ids"] = act.clone(), topk_ids.clone()
+
+    for act_name in ACTS:
+        layer, x, w1, w2, b1, b2, tw, ids = _make(9, 16, 8, 4, 2, act=act_name, bias=True, routing="with_minus_one",
+                                                  seed=15)
+        runner = MoERunner(layer, backend="torch")
+        runner.register(Capture())
+        runner.run(x, ExpertWeights(w1, w2, b1=b1, b2=b2), tw, ids)
+        minus = seen["ids"].reshape(-1) == -1
+        assert minus.any()
+        assert torch.equal(seen["act"][minus], torch.zeros_like(seen["act"][minus])), act_name

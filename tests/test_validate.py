@@ -448,3 +448,20 @@ def test_resolved_configs_checked_before_launch(up: dict, down: dict, match: str
     monkeypatch.setattr(config_mod, "resolve_configs", fake)
     layer, x, w1, w2, tw, ids = _inputs()
     _expect(ConfigError, match, lambda: _call(layer, x, w1, w2, tw, ids), launches)
+
+
+def test_hooks_on_a_backend_that_takes_none(launches) -> None:
+    class NoHooks(TorchBackend):
+        name = "torch-no-hooks"
+        accepts_hooks = False
+
+    class Recorder:
+        @moe_core.hookimpl
+        def moe_core_after_down(self, act, down, topk_weights, topk_ids, layer):
+            raise AssertionError("hook ran")
+
+    layer, x, w1, w2, tw, ids = _inputs()
+    runner = MoERunner(layer, backend=NoHooks())
+    runner.register(Recorder())
+    _expect(MoEInputError, r"^hooks: backend 'torch-no-hooks' takes no hooks",
+            lambda: runner.run(x, ExpertWeights(w1, w2), tw, ids), launches)

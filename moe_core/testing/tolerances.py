@@ -47,7 +47,8 @@ def quant_tolerance_key(quant: Any, M: int = 0) -> str:
     raise KeyError(f"no quantized tolerance for scheme {scheme!r}")
 
 
-def assert_close_quant(out: torch.Tensor, ref: torch.Tensor, quant: Any, **context: Any) -> None:
+def assert_close_quant(out: torch.Tensor, ref: torch.Tensor, quant: Any, *,
+                       topk_ids: torch.Tensor | None = None, **context: Any) -> None:
     """Fail unless ``out`` matches ``ref`` under the quantized rule of ``quant`` (TESTING.md §2).
 
     Also fails on the conditions of :func:`assert_close_normalized` (NaN, infinities,
@@ -56,7 +57,8 @@ def assert_close_quant(out: torch.Tensor, ref: torch.Tensor, quant: Any, **conte
     M = out.shape[0] if out.dim() else 0
     key = quant_tolerance_key(quant, M)
     rule = QUANT_TOLERANCES[key]
-    assert_close_normalized(out, ref, rule.get("maxtol", math.inf), math.inf, rule=key, **context)
+    assert_close_normalized(out, ref, rule.get("maxtol", math.inf), math.inf, topk_ids=topk_ids, rule=key,
+                            **context)
     o = out.detach().double().cpu()
     r = ref.detach().double().cpu()
     if r.numel() == 0 or r.abs().max() == 0:
@@ -69,7 +71,7 @@ def assert_close_quant(out: torch.Tensor, ref: torch.Tensor, quant: Any, **conte
             where = tuple(int(i) for i in bad.nonzero()[0])
             raise AssertionError(f"{int(bad.sum())} elements outside atol={rule['atol']}, rtol={rule['rtol']} "
                                  f"(normalised by max|ref| = {scale:.3e}); first at {where}: out {o[where]:.6g} vs "
-                                 f"ref {r[where]:.6g}; rule {key}; {context}")
+                                 f"ref {r[where]:.6g}{_experts_at(where, topk_ids)}; rule {key}; {context}")
     if "mean_rel" in rule:
         mean_rel = ((o - r).abs().mean() / r.abs().mean()).item()
         assert mean_rel < rule["mean_rel"], (f"mean relative error {mean_rel:.3e} >= {rule['mean_rel']}; "
@@ -95,13 +97,24 @@ def normalized_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, floa
     return diff.max().item() / scale, diff.square().mean().sqrt().item() / scale
 
 
-def assert_close_normalized(out: torch.Tensor, ref: torch.Tensor, maxtol: float, rmstol: float,
-                            **context: Any) -> None:
+def _experts_at(where: tuple[int, ...], topk_ids: torch.Tensor | None) -> str:
+    """The expert id(s) behind an output coordinate: [M, H] -> the token's row, [M, k, H] -> the slot."""
+    if topk_ids is None or not where:
+        return ""
+    ids = topk_ids.detach().cpu()
+    if len(where) == 3:
+        return f"; expert {int(ids[where[0], where[1]])} (token {where[0]}, slot {where[1]})"
+    return f"; experts {ids[where[0]].tolist()} (token {where[0]})"
+
+
+def assert_close_normalized(out: torch.Tensor, ref: torch.Tensor, maxtol: float, rmstol: float, *,
+                            topk_ids: torch.Tensor | None = None, **context: Any) -> None:
     """Fail unless ``out`` matches ``ref`` within the normalised tolerances.
 
     Also fails when ``ref`` is not all zero but ``out`` is, when NaN appears where ``ref``
     is finite, or when infinities sit in different places. The message gives the worst
-    coordinate, both values and ``context`` (shapes, config).
+    coordinate (token, slot, column), the expert id there when ``topk_ids`` is given, both
+    values and ``context`` (shapes, config).
     """
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}; {context}"
     o = out.detach().double().cpu()
@@ -109,8 +122,10 @@ def assert_close_normalized(out: torch.Tensor, ref: torch.Tensor, maxtol: float,
     if o.numel() == 0:
         return
     bad_nan = torch.isnan(o) & ~torch.isnan(r)
-    assert not bad_nan.any(), (f"NaN at {bad_nan.nonzero()[0].tolist()} where the reference is finite "
-                               f"({int(bad_nan.sum())} elements); {context}")
+    if bad_nan.any():
+        first = tuple(bad_nan.nonzero()[0].tolist())
+        raise AssertionError(f"NaN at {list(first)} where the reference is finite ({int(bad_nan.sum())} "
+                             f"elements){_experts_at(first, topk_ids)}; {context}")
     inf_o, inf_r = torch.isinf(o), torch.isinf(r)
     assert torch.equal(inf_o, inf_r) and torch.equal(o[inf_o], r[inf_r]), f"infinities differ; {context}"
     o = torch.where(inf_o, 0.0, o)
@@ -127,4 +142,5 @@ def assert_close_normalized(out: torch.Tensor, ref: torch.Tensor, maxtol: float,
     where = tuple(int(i) for i in worst)
     raise AssertionError(
         f"max_err {max_err:.3e} (tol {maxtol:.1e}), rms_err {rms_err:.3e} (tol {rmstol:.1e}); worst at {where}: "
-        f"out {o[where].item():.6g} vs ref {r[where].item():.6g}; shape {tuple(o.shape)}; {context}")
+        f"out {o[where].item():.6g} vs ref {r[where].item():.6g}{_experts_at(where, topk_ids)}; "
+        f"shape {tuple(o.shape)}; {context}")
