@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 
 import moe_core
 from moe_core import ExpertWeights, MoELayer, MoERunner, QuantSpec
@@ -227,6 +228,16 @@ def test_hypothesis_shapes(case: dict) -> None:
     out = moe_core.fused_experts(x, w1, w2, tw, ids, layer=layer, backend="torch")
     assert out.shape == x.shape
     _check(out, layer, x, w1, w2, b1, b2, tw, ids, case=case)
+
+
+@given(routes.moe_shapes(max_m=24, max_e=6, max_h=24, max_i=16),
+       st.sampled_from(DTYPES), st.sampled_from(list(ACTS)), st.booleans())
+def test_hypothesis_dtypes_and_activations(case: dict, dtype: torch.dtype, act: str, bias: bool) -> None:
+    layer, x, w1, w2, b1, b2, tw, ids = _make(case["M"], case["H"], case["I"], case["E"], case["k"], dtype=dtype,
+                                              act=act, bias=bias, routing=case["routing"], seed=case["seed"],
+                                              routed_scaling_factor=1.5)
+    out = moe_core.fused_experts(x, w1, w2, tw, ids, layer=layer, b1=b1, b2=b2, backend="torch")
+    _check(out, layer, x, w1, w2, b1, b2, tw, ids, case=case, act=act)
 
 
 # -- quantized schemes ----------------------------------------------------------------------
