@@ -320,6 +320,32 @@ def test_training_mode_runs_the_original_forward(caplog):
     assert "training mode" in caplog.text
 
 
+@pytest.mark.interp
+def test_logits_match_through_the_triton_sequence_under_the_interpreter(arch_model):
+    """The CUDA backend's Triton kernels (interpreter, CPU) on the model's own views: strided
+    gpt-oss weights, biases, interleaved swiglu, grouped DeepSeek routing."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: runs on CPU machines only")
+    pytest.importorskip("triton")
+    from moe_core.backends.cuda import CudaBackend
+
+    class InterpCuda(CudaBackend):
+        def is_available(self) -> tuple[bool, str]:
+            return True, "test: interpreter"
+
+    arch, model = arch_model
+    ids = _ids(seed=6)
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = patch_moe(model, backend=InterpCuda())
+        try:
+            assert report.backend == ("cuda",)
+            out = model(ids).logits
+        finally:
+            unpatch_moe(model)
+    assert_close_normalized(out, ref, *FP32, arch=arch)
+
+
 def test_importing_moe_core_does_not_import_transformers():
     code = ("import sys, moe_core, moe_core.integrations.transformers as t; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
