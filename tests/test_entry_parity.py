@@ -13,14 +13,8 @@ from moe_core import ExpertWeights, MoELayer, MoERunner, QuantSpec
 from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
 from moe_core.testing import strategies as routes
 from moe_core.testing.quantize_weights import quantize_layer
+from moe_core.testing.strategies import single_torch_thread  # noqa: F401  (autouse)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 CASES = {

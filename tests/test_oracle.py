@@ -12,6 +12,7 @@ import torch
 import moe_core.testing.oracle as oracle_mod
 from moe_core.testing import oracle_moe
 from moe_core.testing.oracle import oracle_dequantize_weight, oracle_quantize_activation
+from moe_core.testing.strategies import single_torch_thread  # noqa: F401  (autouse)
 
 NAN = float("nan")
 

@@ -10,6 +10,7 @@ from moe_core import QuantSpec
 from moe_core.quant import EPS, dequantize_activation, dequantize_weight, qmax_of, quantize_activation, unpack_int4
 from moe_core.testing.oracle import oracle_dequantize_weight, oracle_quantize_activation
 from moe_core.testing.quantize_weights import pack_int4_k, pack_int4_n, quantize_layer
+from moe_core.testing.strategies import single_torch_thread  # noqa: F401  (autouse)
 
 FP8 = torch.float8_e4m3fn
 

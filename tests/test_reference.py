@@ -16,18 +16,11 @@ from moe_core.quant import qmax_of
 from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
 from moe_core.testing import strategies as routes
 from moe_core.testing.quantize_weights import quantize_layer
+from moe_core.testing.strategies import single_torch_thread  # noqa: F401  (autouse)
 from moe_core.testing.tolerances import assert_close_quant
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add OpenMP contention (5x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # activation variants: name -> MoELayer keyword arguments
 ACTS = {

@@ -9,6 +9,7 @@ import torch
 
 from moe_core import select_experts
 from moe_core.errors import MoEInputError, MoETypeError
+from moe_core.testing.strategies import single_torch_thread  # noqa: F401  (autouse)
 
 
 def _loop_route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", renormalize: bool = True,

@@ -17,6 +17,7 @@ from moe_core.errors import ConfigError, MoEInputError, MoETypeError
 from moe_core.reference import TorchBackend
 from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
 from moe_core.testing.quantize_weights import quantize_layer
+from moe_core.testing.strategies import single_torch_thread  # noqa: F401  (autouse)
 
 M, H, I, E, K = 5, 32, 16, 4, 2
 STEPS = ("align", "quantize_activation", "gemm", "activation", "combine")

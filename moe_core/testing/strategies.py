@@ -22,8 +22,31 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ROUTINGS", "STALE_IDS", "softmax_topk", "all_to_expert0", "round_robin", "forced_empty",
+__all__ = ["single_torch_thread", "ROUTINGS", "STALE_IDS", "softmax_topk", "all_to_expert0", "round_robin", "forced_empty",
            "half_empty", "with_minus_one", "stale_padding", "random_weights", "moe_shapes"]
+
+def _single_torch_thread():
+    """Run the test with one intra-op torch thread, then restore the count.
+
+    The CPU tests use tiny matmuls: extra OpenMP threads only spin against each other and
+    against other test processes (5x slower on a busy 2-core machine). Import it into a
+    test module to apply it there: ``from moe_core.testing.strategies import single_torch_thread``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+try:
+    import pytest as _pytest
+except ImportError:  # pragma: no cover - pytest is a test extra
+    single_torch_thread = None
+else:
+    single_torch_thread = _pytest.fixture(autouse=True)(_single_torch_thread)
+
 
 #: values seen in padded rows of CUDA-graph batches (leftovers of ``torch.empty``)
 STALE_IDS = (-99999, 2071690107)
