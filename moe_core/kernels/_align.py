@@ -47,7 +47,7 @@ def _align_count_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, numel, E, P, C
     bins = tl.arange(0, E1_PAD)
     cursor = tl.zeros([E1_PAD], dtype=tl.int32)
     chunk_start = pid * CHUNK
-    for off in range(0, CHUNK, BLOCK_T):
+    for off in range(0, tl.minimum(CHUNK, numel - chunk_start), BLOCK_T):
         s = chunk_start + off + lane.to(tl.int64)
         valid = s < numel
         b = _bucket_of(ids_ptr, s, valid, E, E1_PAD)
@@ -65,11 +65,11 @@ def _align_count_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, numel, E, P, C
 
 @triton.jit
 def _scatter_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, g, numel, E, CHUNK,
-                   E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                   E1_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """``sorted[chunk[g, b] + rank[s]] = s`` for the slots ``s`` of chunk ``g``."""
-    lane = tl.arange(0, BLOCK_T).to(tl.int64)
-    first = (tl.zeros([BLOCK_T], dtype=tl.int64) + g) * CHUNK           # int64 slot offsets
-    for off in range(0, CHUNK, BLOCK_T):
+    lane = tl.arange(0, BLOCK_S).to(tl.int64)
+    first = (tl.zeros([BLOCK_S], dtype=tl.int64) + g) * CHUNK           # int64 slot offsets
+    for off in range(0, tl.minimum(CHUNK, numel - g * CHUNK), BLOCK_S):
         s = first + off + lane
         valid = s < numel
         b = _bucket_of(ids_ptr, s, valid, E, E1_PAD)
@@ -82,7 +82,7 @@ def _scatter_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, g, numel, E, CHUNK,
 @triton.jit
 def _align_scan_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, expert_ids_ptr, npost_ptr,
                        numel, E, block_m, num_chunks, num_blocks, CHUNK,
-                       E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
+                       E1_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
                        SCATTER: tl.constexpr):
     """One program: bucket counts, padded starts, per-chunk bases, expert_ids, the count."""
     bins = tl.arange(0, E1_PAD)
@@ -123,12 +123,12 @@ def _align_scan_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, expert_ids_ptr,
         tl.debug_barrier()
         for g in range(0, num_chunks):
             _scatter_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, g, numel, E, CHUNK,
-                           E1_PAD, BLOCK_T)
+                           E1_PAD, BLOCK_S)
 
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, numel, E, CHUNK,
-                          E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                          E1_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid G: scatter the slots of chunk ``program_id`` (large inputs)."""
     g = tl.program_id(0).to(tl.int64)
-    _scatter_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, g, numel, E, CHUNK, E1_PAD, BLOCK_T)
+    _scatter_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, g, numel, E, CHUNK, E1_PAD, BLOCK_S)

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 SCATTER_INLINE_MAX = 16384
 #: slots ranked per inner step (a BLOCK_T × BLOCK_T comparison)
 _BLOCK_T = 64
+#: slots scattered per inner step (a divisor of every chunk size)
+_BLOCK_S = 1024
 #: target number of chunks (programs of the count launch) for large inputs
 _MAX_CHUNKS = 128
 
@@ -73,10 +75,10 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
     inline = numel <= SCATTER_INLINE_MAX
     _align_scan_kernel[(1,)](
         ids, rank, table, sorted_ids, expert_ids, n_post, numel, num_experts, block_m, num_chunks,
-        num_blocks, chunk, E1_PAD=e1_pad, BLOCK_T=_BLOCK_T, BLOCK_B=1024, SCATTER=inline,
+        num_blocks, chunk, E1_PAD=e1_pad, BLOCK_S=_BLOCK_S, BLOCK_B=1024, SCATTER=inline,
         num_warps=scan_warps)
     if not inline:
         _align_scatter_kernel[(num_chunks,)](
-            ids, rank, table, sorted_ids, numel, num_experts, chunk, E1_PAD=e1_pad, BLOCK_T=_BLOCK_T,
+            ids, rank, table, sorted_ids, numel, num_experts, chunk, E1_PAD=e1_pad, BLOCK_S=_BLOCK_S,
             num_warps=4)
     return sorted_ids, expert_ids, n_post
