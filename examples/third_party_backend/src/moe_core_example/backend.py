@@ -1,8 +1,9 @@
 """``ExampleBackend``: moe-core's torch backend with one step replaced, the expert GEMM.
 
-Every other step (alignment, activation, combine, activation quantization) is inherited
-from :class:`moe_core.reference.TorchBackend`; moe-core keeps validation, config
-resolution, hooks and the order of the steps.
+The activation, the combine and activation quantization are inherited from
+:class:`moe_core.reference.TorchBackend`; the alignment is moe-core's public
+``moe_align_block_size``. moe-core keeps validation, config resolution, hooks and the order
+of the steps.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ class ExampleBackend(TorchBackend):
         if quant.scheme != "none":
             return False, f"the example backend computes unquantized weights only, got {quant.scheme}"
         return True, ""
+
+    def align(self, topk_ids: torch.Tensor, block_m: int,
+              num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # moe-core's public alignment: its Triton kernel on CUDA (no host sync, so the forward
+        # can be captured in a CUDA graph), the torch reference elsewhere
+        import moe_core
+
+        return moe_core.moe_align_block_size(topk_ids, block_m, num_experts)
 
     def gemm(self, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, **kw: Any) -> torch.Tensor:
         from moe_core_example.gemm import grouped_expert_gemm

@@ -50,6 +50,7 @@ def grouped_expert_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, 
         order = torch.argsort(key, stable=True)
         counts = torch.zeros(E + 1, dtype=torch.int32, device=out.device)
         counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+        counts[E - 1] += counts[E]               # filtered slots ride in the last group; zeroed below
         offs = torch.cumsum(counts[:E], dim=0, dtype=torch.int32)
         y_sorted = torch._grouped_mm(a[rows[order]], w.transpose(1, 2), offs=offs).float()
         y = torch.empty_like(y_sorted)
