@@ -195,6 +195,8 @@ def search_roots(backend: Backend) -> list[Any]:
     user = envs.config_dir()
     if user:
         roots.append(Path(user))
+        if not roots[0].is_dir():
+            _warn_once(("no-dir", user), "moe-core: MOE_CORE_CONFIG_DIR=%s is not a directory; ignored", user)
     roots.extend(backend.config_dirs())
     return roots
 
@@ -310,7 +312,7 @@ def resolve_configs(backend: Backend, *, M: int, E: int, I: int, H: int, top_k: 
     memo_key = (type(backend).__qualname__, backend.name, device, tuple(backend.device_aliases),
                 backend.config_keys, limit, tma, running, tuple(str(r) for r in roots),
                 M, E, I, H, top_k, act_dtype, dtype, block, quant.per_channel, quant.scheme,
-                has_hooks, det, None if override is None else tuple(sorted(override.items())))
+                has_hooks, det, None if override is None else repr(sorted(override.items())))
     hit = _RESOLVED.get(memo_key)
     if hit is not None:
         return hit.copy()

@@ -156,6 +156,16 @@ def test_env_dir_first_then_backend_dirs_in_order(tmp_path: Path, monkeypatch: p
     assert r.config["BLOCK_SIZE_N"] == 256 and r.why["gemm1"]["file"].startswith(str(user))
 
 
+def test_missing_env_dir_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    write(tmp_path / "shipped", {"1": entry(bn=64)})
+    monkeypatch.setenv("MOE_CORE_CONFIG_DIR", str(tmp_path / "typo"))
+    with caplog.at_level(logging.WARNING):
+        for M in (1, 2):
+            assert resolve(make_backend(tmp_path / "shipped"), M=M).config["BLOCK_SIZE_N"] == 64
+    assert len([m for m in warnings_of(caplog) if "is not a directory" in m]) == 1
+
+
 def test_triton_folders_exact_then_newest_then_root(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write(tmp_path, {"1": entry(bn=16)})
     write(tmp_path / "triton_1_0_0", {"1": entry(bn=32)})
