@@ -149,19 +149,19 @@ def test_replicated_ep_partials_sum_to_one_process() -> None:
     assert_close_normalized(total, oracle_moe(x, full.w1, full.w2, tw, ids), *TOL)
 
 
-@pytest.mark.parametrize("as_tensor", [False, True])
-def test_rows_past_n_valid_are_padding(as_tensor: bool, nan_empty) -> None:
-    layer = ep_layer(8, 4, rank=1, size=2)
+@pytest.mark.parametrize("as_tensor, expert_parallel", [(False, True), (True, True), (False, False)])
+def test_rows_past_n_valid_are_padding(as_tensor: bool, expert_parallel: bool, nan_empty) -> None:
+    layer = ep_layer(8, 4, rank=1, size=2) if expert_parallel else ep_layer(8, 8)
     g = torch.Generator().manual_seed(5)
     M, n_valid = 6, 4
     x = torch.randn(M, H, generator=g) / 10
     ids = torch.randint(0, 8, (M, 2), generator=g, dtype=torch.int32)
     ids[n_valid:] = torch.tensor([[STALE[0], STALE[1]], [8, 3]], dtype=torch.int32)   # stale and a real id
     tw = torch.rand(M, 2, generator=g)
-    w = weights_for(4, seed=1)
+    w = weights_for(layer.num_local_experts, seed=1)
     n = torch.tensor(n_valid) if as_tensor else n_valid
     out = moe_core.MoERunner(layer, backend="torch").run(x, w, tw, ids, n_valid=n)
-    table = filter_expert.build_table(layer)
+    table = filter_expert.build_table(layer) if expert_parallel else None
     ref = oracle_moe(x[:n_valid], w.w1, w.w2, tw[:n_valid], ids[:n_valid], expert_map=table)
     assert_close_normalized(out[:n_valid], ref, *TOL)
     assert torch.equal(out[n_valid:], torch.zeros(M - n_valid, H))

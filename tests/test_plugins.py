@@ -6,6 +6,7 @@ Every fixture distribution lives in ``tmp_path`` (see ``plugin_fixtures``); the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import logging
 import random
@@ -96,6 +97,26 @@ def test_loading_is_lazy_and_happens_once(dists: DistFactory, monkeypatch: pytes
     plugins.global_hookset()
     moe_core.MoERunner(LAYER).backend
     assert calls == [{}]
+
+
+def test_concurrent_first_use_loads_once(dists: DistFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    dists.add("moe-core-slow", backends={"slow": "slow_be:B"}, modules={"slow_be": (
+        "import time\ntime.sleep(0.05)\n" + backend_module("B", "slow"))})
+    calls = []
+    real = importlib.metadata.distributions
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda **kw: calls.append(kw) or real(**kw))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        seen = list(pool.map(lambda _: [i.name for i in moe_core.list_backends()], range(8)))
+    assert len(calls) == 1 and all("slow" in names for names in seen)
+    assert len({tuple(names) for names in seen}) == 1
+
+
+def test_plugin_may_use_the_registry_while_it_loads(dists: DistFactory) -> None:
+    dists.add("moe-core-curious", backends={"curious": "curious_be:B"}, modules={"curious_be": (
+        "import moe_core\nSEEN = [i.name for i in moe_core.list_backends()]\n" + backend_module("B", "curious"))})
+    info = next(i for i in moe_core.list_backends() if i.name == "curious")
+    assert info.state == "loaded"
+    assert "curious" not in sys.modules["curious_be"].SEEN        # a partial view, no recursion
 
 
 # -- failures -----------------------------------------------------------------------
