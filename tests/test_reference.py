@@ -258,6 +258,8 @@ def _quant_case(scheme: str, kw: dict, dtype: torch.dtype, M: int = 21, H: int =
                 k: int = 2, routing: str = "with_minus_one", seed: int = 12, **layer_kw):
     kw = dict(kw)
     static = kw.pop("static", None)
+    if kw.get("block_shape", (0, 0))[0] >= 128:       # several tiles, the last ones partial
+        H, I = 272, 160
     layer, x, w1, w2, _, _, tw, ids = _make(M, H, I, E, k, dtype=dtype, routing=routing, seed=seed, **layer_kw)
     a1 = a2 = None
     if static is not None:
@@ -392,3 +394,17 @@ def test_padded_rows_do_not_move_a_per_tensor_dynamic_scale() -> None:
     stale[4:] = 1000.0
     b = runner.run(stale, ExpertWeights(w1q, w2q, quant=quant), tw, ids, n_valid=4)
     assert torch.equal(a[:4], b[:4])
+
+
+@pytest.mark.parametrize("scheme,kw", [("fp8_w8a8", {"block_shape": (16, 16)}), ("int8_w8a8", {"per_channel": True}),
+                                       ("int4_w4a16", {"group_size": 16})])
+def test_quantized_strided_rows_and_weights(scheme: str, kw: dict) -> None:
+    layer, x, w1q, w2q, quant, tw, ids = _quant_case(scheme, kw, torch.bfloat16)
+    want = moe_core.fused_experts(x, w1q, w2q, tw, ids, layer=layer, quant=quant, backend="torch")
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype)
+    wide[:, 1:1 + x.shape[1]] = x
+    w1p = torch.zeros(w1q.shape[0], w1q.shape[1], w1q.shape[2] + 8, dtype=w1q.dtype)
+    w1p[:, :, :w1q.shape[2]] = w1q
+    got = moe_core.fused_experts(wide[:, 1:1 + x.shape[1]], w1p[:, :, :w1q.shape[2]], w2q, tw, ids, layer=layer,
+                                 quant=quant, backend="torch")
+    assert torch.equal(got, want)
