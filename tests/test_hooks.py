@@ -4,12 +4,14 @@ and what a hook sees. Each test defines its own hook classes (pluggy style)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pluggy
 import pytest
 import torch
 
 import moe_core
-from moe_core import hookimpl, plugins
+from moe_core import hookimpl
 from moe_core.errors import HookError, PluginRegistrationError
 from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
 from tests.plugin_fixtures import DistFactory, dists  # noqa: F401  (fixture)
@@ -82,7 +84,7 @@ def test_global_hooks_apply_everywhere_runner_hooks_to_their_runner(dists: DistF
         def moe_core_after_gate_up(gate_up):
             CALLS.append("global")
         """})
-    calls = __import__("importlib").import_module("ghook_mod").CALLS
+    calls = importlib.import_module("ghook_mod").CALLS
 
     class Local:
         @hookimpl

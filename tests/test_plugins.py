@@ -10,6 +10,7 @@ import concurrent.futures
 import importlib.metadata
 import logging
 import random
+import re
 import sys
 
 import pytest
@@ -244,7 +245,7 @@ def test_invalid_hook_plugins_are_rejected(dists: DistFactory, source: str, matc
     assert info.state == "rejected" and isinstance(info.error, PluginRegistrationError)
     message = str(info.error)
     assert "'badhook'" in message and "moe-core-badhook 3.0" in message
-    assert __import__("re").search(match, message), message
+    assert re.search(match, message), message
     assert plugins.global_hookset().after_down is None          # nothing stayed registered
     assert [w for w in plugin_warnings(caplog) if "badhook" in w] == [plugin_warnings(caplog)[0]]
 
