@@ -219,21 +219,28 @@ class _Bench:
 
         spec, E = self.spec, self.spec.E
         chunk = max(1, (1 << 26) // max(1, self.n_out * self.K))
-        parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+        weight: torch.Tensor | None = None
+        scales: list[torch.Tensor] = []
+        zps: list[torch.Tensor] = []
         for start in range(0, E, chunk):
-            w = self._randn(min(chunk, E - start), self.n_out, self.K)
+            stop = min(E, start + chunk)
+            w = self._randn(stop - start, self.n_out, self.K)
             if spec.scheme == "none":
-                parts.append((w.to(spec.act_dtype), None, None))
+                q, s, z = w.to(spec.act_dtype), None, None
             elif spec.scheme in ("fp8_w8a8", "int8_w8a8"):
                 qdtype = self.backend.fp8_dtype if spec.scheme == "fp8_w8a8" else torch.int8
-                parts.append((*qw.quantize_w8a8(w, qdtype, per_channel=spec.per_channel,
-                                                block_shape=spec.block_shape), None))
+                q, s = qw.quantize_w8a8(w, qdtype, per_channel=spec.per_channel, block_shape=spec.block_shape)
+                z = None
             elif spec.scheme == "int8_w8a16":
-                parts.append(qw.quantize_int8_w8a16(w, group_size=spec.group_size))
+                q, s, z = qw.quantize_int8_w8a16(w, group_size=spec.group_size)
             else:
-                parts.append(qw.quantize_int4_w4a16(w, group_size=spec.group_size))
-        cat = [torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(3)]
-        return cat[0], cat[1], cat[2]
+                q, s, z = qw.quantize_int4_w4a16(w, group_size=spec.group_size)
+            if weight is None:                 # preallocate: peak memory = weights + one chunk
+                weight = torch.empty((E, *q.shape[1:]), dtype=q.dtype, device=self.device)
+            weight[start:stop] = q
+            scales += [s] if s is not None else []
+            zps += [z] if z is not None else []
+        return weight, (torch.cat(scales) if scales else None), (torch.cat(zps) if zps else None)
 
     def set_batch(self, M: int) -> None:
         """Fresh routing, input, output buffer, alignments and reference for ``M`` tokens."""
@@ -255,7 +262,8 @@ class _Bench:
         self._aligned: dict[int, tuple[torch.Tensor, ...]] = {}
         ref = torch.empty_like(self.out)
         TorchBackend().gemm(self.a, self.w, ref, config={"BLOCK_SIZE_M": 16}, **self._common(16))
-        self.ref = ref
+        self.ref32 = ref.float()
+        self.ref_scale = max(float(self.ref32.abs().max()), 1e-30)
 
     def _common(self, block_m: int) -> dict[str, Any]:
         from moe_core.align import moe_align_block_size
@@ -283,12 +291,19 @@ class _Bench:
         return r.config if self.gemm == "up" else r.down_config
 
     def check(self) -> bool:
-        from moe_core.testing import normalized_errors, tolerance_for
+        """Whether ``out`` matches the torch backend within the dtype's normalised tolerance.
 
-        if not torch.isfinite(self.out).all():
+        Computed on the device in fp32 (the metric of TESTING.md §2 without the host copy that
+        :func:`moe_core.testing.normalized_errors` makes, which is too slow for M·k·N ~ 5e8).
+        """
+        from moe_core.testing import tolerance_for
+
+        diff = self.out.float().sub_(self.ref32).abs_()
+        if not bool(torch.isfinite(diff).all()):
             return False
-        max_err, rms_err = normalized_errors(self.out, self.ref)
         maxtol, rmstol = tolerance_for(self.spec.act_dtype)
+        max_err = float(diff.max()) / self.ref_scale
+        rms_err = float(diff.square_().mean().sqrt()) / self.ref_scale
         return max_err <= maxtol and rms_err <= rmstol
 
 
@@ -414,6 +429,7 @@ def tune(backend: Backend, spec: TuneSpec, *, out_dir: str | Path,
             log[str(M)] = attrs.asdict(res)
             _write_json(log_path, {k: log[k] for k in sorted(log, key=int)})
             results[gemm][M] = res
+        del bench                              # free this GEMM's weights before the next
     return results
 
 
