@@ -63,6 +63,14 @@ C_CASES = [
     (1, 48, 72, 8, 3, 16, torch.float16),
     (17, 64, 130, 3, 2, 16, torch.float32),
     (33, 32, 32, 8, 3, 32, torch.float32),
+    (3, 48, 72, 1, 1, 32, torch.float32),
+    (17, 32, 32, 3, 3, 16, torch.float16),
+    (33, 48, 72, 8, 2, 32, torch.float16),
+    (1, 64, 130, 3, 2, 32, torch.float16),
+    (3, 64, 130, 1, 1, 16, torch.float32),
+    (17, 48, 72, 3, 1, 32, torch.float32),
+    (33, 64, 130, 8, 1, 16, torch.float16),
+    (1, 32, 32, 8, 2, 32, torch.float32),
 ]
 
 

@@ -63,7 +63,7 @@ def _check(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, mode: int, quant
     if out.shape[1] != w.shape[1]:
         raise MoEInputError(f"grouped_gemm: out: expected N_out = w.shape[1] = {w.shape[1]} columns, "
                             f"got {list(out.shape)}")
-    if a.shape[1] and a.stride(1) != 1 and a.shape[0] > 1:
+    if a.shape[1] > 1 and a.stride(1) != 1:
         raise MoEInputError(f"grouped_gemm: a: the last dim must be contiguous, got strides {a.stride()}")
     if mode in (1, 2) and a_scale is None:
         raise MoEInputError(f"grouped_gemm: scheme {quant.scheme!r} needs an activation scale, got None")
@@ -146,7 +146,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     zp_strides = _strides(w_zp, 3)
     b_strides = _strides(bias, 2)
     grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
-    extra = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
+    # compile options the resolver let through the backend's whitelist: num_warps, num_stages
+    # and backend keys (HIP waves_per_eu / matrix_instr_nonkdim / kpack, XPU grf_mode)
+    extra = {key: value for key, value in config.items()
+             if key not in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "USE_TMA")}
     dummy = out
     _grouped_gemm_kernel[grid](
         a, w, out,
