@@ -7,11 +7,13 @@ and keeps ascending slot order inside every bucket, like the torch reference::
 
     count  (grid G):  rank[s] = #earlier slots of bucket(s) in its chunk
                       chunk[g, b] = slots of bucket b in chunk g;  sorted[:] = sentinel
-    scan   (1 CTA):   counts = Σ_g chunk[g];  padded = roundup(counts, block_m)
-                      start = exclusive cumsum(padded);  chunk[g, b] = start[b] + Σ_{g' < g} chunk[g', b]
+    scan   (1 CTA):   per tile of buckets, over a [chunks, buckets] tile of the table:
+                      counts = Σ_g chunk[g];  padded = roundup(counts, block_m)
+                      start = exclusive cumsum(padded) (carried across tiles)
+                      chunk[g, b] = start[b] + Σ_{g' < g} chunk[g', b]   (cumsum over chunks)
                       expert_ids[block] = bucket of block − 1 (−1 past the total);  n_post = Σ padded
-    scatter:          sorted[chunk[g(s), bucket(s)] + rank[s]] = s
-                      (inside ``scan`` for small inputs, else its own grid-G launch)
+    scatter:          sorted[chunk[s // CHUNK, bucket(s)] + rank[s]] = s
+                      (inside ``scan`` for small inputs, else its own grid launch)
 
 Every size is a static function of ``numel``, E and ``block_m``: no host sync.
 """
@@ -64,71 +66,66 @@ def _align_count_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, numel, E, P, C
 
 
 @triton.jit
-def _scatter_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, g, numel, E, CHUNK,
-                   E1_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
-    """``sorted[chunk[g, b] + rank[s]] = s`` for the slots ``s`` of chunk ``g``."""
-    lane = tl.arange(0, BLOCK_S).to(tl.int64)
-    first = (tl.zeros([BLOCK_S], dtype=tl.int64) + g) * CHUNK           # int64 slot offsets
-    for off in range(0, tl.minimum(CHUNK, numel - g * CHUNK), BLOCK_S):
-        s = first + off + lane
-        valid = s < numel
-        b = _bucket_of(ids_ptr, s, valid, E, E1_PAD)
-        base = tl.load(chunk_ptr + g * E1_PAD + b, mask=valid, other=0, cache_modifier=".cg")
-        rank = tl.load(rank_ptr + s, mask=valid, other=0)
-        pos = base.to(tl.int64) + rank
-        tl.store(sorted_ptr + pos, s.to(tl.int32), mask=valid)
+def _scatter_slots(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, s, numel, E, CHUNK, E1_PAD: tl.constexpr):
+    """``sorted[chunk[g(s), bucket(s)] + rank[s]] = s`` for the int64 slot offsets ``s``."""
+    valid = s < numel
+    b = _bucket_of(ids_ptr, s, valid, E, E1_PAD)
+    base = tl.load(chunk_ptr + (s // CHUNK) * E1_PAD + b, mask=valid, other=0, cache_modifier=".cg")
+    rank = tl.load(rank_ptr + s, mask=valid, other=0)
+    tl.store(sorted_ptr + base.to(tl.int64) + rank, s.to(tl.int32), mask=valid)
 
 
 @triton.jit
 def _align_scan_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, expert_ids_ptr, npost_ptr,
                        numel, E, block_m, num_chunks, num_blocks, CHUNK,
-                       E1_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
-                       SCATTER: tl.constexpr):
-    """One program: bucket counts, padded starts, per-chunk bases, expert_ids, the count."""
-    bins = tl.arange(0, E1_PAD)
-    is_bucket = bins < E + 1
-    counts = tl.zeros([E1_PAD], dtype=tl.int32)
-    for g in range(0, num_chunks):
-        counts += tl.load(chunk_ptr + g * E1_PAD + bins)
-    counts = tl.where(is_bucket, counts, 0)
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = tl.cumsum(padded, 0)
-    starts = ends - padded
-    total = tl.sum(padded, 0)
-    tl.store(npost_ptr, total)
-    # chunk[g, b] <- start[b] + slots of bucket b in chunks before g
-    run = starts
-    for g in range(0, num_chunks):
-        ptrs = chunk_ptr + g * E1_PAD + bins
-        c = tl.load(ptrs)
-        tl.store(ptrs, run)
-        run += c
-    # expert_ids: mark each non-empty bucket's first block, then forward-fill with a running max
+                       E1_PAD: tl.constexpr, G_PAD: tl.constexpr, BT: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, SCATTER: tl.constexpr):
+    """One program: per bucket tile of ``BT`` buckets, the counts (sum over chunks), padded
+    starts (cumsum carried across tiles), per-chunk bases (cumsum over chunks) and the
+    first-block markers; then expert_ids (forward fill) and the count."""
     blk = tl.arange(0, BLOCK_B)
     for b0 in range(0, num_blocks, BLOCK_B):
         tl.store(expert_ids_ptr + b0 + blk, tl.zeros([BLOCK_B], dtype=tl.int32), mask=b0 + blk < num_blocks)
     tl.debug_barrier()
-    tl.store(expert_ids_ptr + starts // block_m, bins, mask=is_bucket & (padded > 0))
+    rows = tl.arange(0, G_PAD)
+    row_ok = (rows < num_chunks)[:, None]
+    lane = tl.arange(0, BT)
+    carry = tl.sum(tl.zeros([BT], dtype=tl.int32), 0)
+    for t0 in range(0, E1_PAD, BT):
+        bins = t0 + lane
+        ptrs = chunk_ptr + rows[:, None] * E1_PAD + bins[None, :]
+        tile = tl.load(ptrs, mask=row_ok, other=0)                     # [chunks, buckets]
+        is_bucket = bins < E + 1
+        counts = tl.where(is_bucket, tl.sum(tile, 0), 0)
+        padded = (counts + block_m - 1) // block_m * block_m
+        starts = tl.cumsum(padded, 0) - padded + carry
+        before = tl.cumsum(tile, 0) - tile                             # earlier chunks, same bucket
+        tl.store(ptrs, starts[None, :] + before, mask=row_ok)
+        tl.store(expert_ids_ptr + starts // block_m, bins, mask=is_bucket & (padded > 0))
+        carry += tl.sum(padded, 0)
+    total = carry
+    tl.store(npost_ptr, total)
     tl.debug_barrier()
-    carry = tl.zeros([BLOCK_B], dtype=tl.int32)
+    fill_carry = tl.zeros([BLOCK_B], dtype=tl.int32)
     for b0 in range(0, num_blocks, BLOCK_B):
         idx = b0 + blk
         inside = idx < num_blocks
         mark = tl.load(expert_ids_ptr + idx, mask=inside, other=0, cache_modifier=".cg")
-        fill = tl.maximum(tl.associative_scan(mark, 0, _max_combine), carry)
-        carry = tl.zeros([BLOCK_B], dtype=tl.int32) + tl.max(fill, 0)
+        fill = tl.maximum(tl.associative_scan(mark, 0, _max_combine), fill_carry)
+        fill_carry = tl.zeros([BLOCK_B], dtype=tl.int32) + tl.max(fill, 0)
         eid = tl.where(idx.to(tl.int64) * block_m < total, fill - 1, -1)
         tl.store(expert_ids_ptr + idx, eid, mask=inside)
     if SCATTER:
         tl.debug_barrier()
-        for g in range(0, num_chunks):
-            _scatter_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, g, numel, E, CHUNK,
-                           E1_PAD, BLOCK_S)
+        slot_lane = tl.arange(0, BLOCK_S).to(tl.int64)
+        for s0 in range(0, numel, BLOCK_S):
+            _scatter_slots(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, slot_lane + s0, numel, E, CHUNK, E1_PAD)
 
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, numel, E, CHUNK,
                           E1_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Grid G: scatter the slots of chunk ``program_id`` (large inputs)."""
-    g = tl.program_id(0).to(tl.int64)
-    _scatter_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, g, numel, E, CHUNK, E1_PAD, BLOCK_S)
+    """Grid cdiv(numel, BLOCK_S): scatter one block of slots (large inputs)."""
+    pid = tl.program_id(0).to(tl.int64)
+    s = pid * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    _scatter_slots(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, s, numel, E, CHUNK, E1_PAD)

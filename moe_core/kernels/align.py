@@ -26,15 +26,18 @@ logger = logging.getLogger(__name__)
 SCATTER_INLINE_MAX = 16384
 #: slots ranked per inner step (a BLOCK_T × BLOCK_T comparison)
 _BLOCK_T = 64
-#: slots scattered per inner step (a divisor of every chunk size)
+#: slots scattered per step
 _BLOCK_S = 1024
-#: target number of chunks (programs of the count launch) for large inputs
-_MAX_CHUNKS = 128
+#: entries of the [chunks, E1_PAD] table the one-program scan reads (bounds the chunk count)
+_TABLE_BUDGET = 65536
 
 
-def _chunk_size(numel: int) -> int:
-    """Slots per chunk: 1024, grown (power of two) so at most ``_MAX_CHUNKS`` chunks exist."""
-    return max(1024, triton.next_power_of_2(triton.cdiv(numel, _MAX_CHUNKS)))
+def _chunking(numel: int, e1_pad: int) -> tuple[int, int]:
+    """(slots per chunk, chunks): chunks of ``_BLOCK_T`` slots (one step each) while there are
+    few, grown in powers of two so the table stays within ``_TABLE_BUDGET`` entries."""
+    max_chunks = min(256, max(8, _TABLE_BUDGET // e1_pad))
+    chunk = max(_BLOCK_T, triton.next_power_of_2(triton.cdiv(numel, max_chunks)))
+    return chunk, triton.cdiv(numel, chunk)
 
 
 def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
@@ -63,9 +66,10 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
         expert_ids.fill_(-1)
         n_post.zero_()
         return sorted_ids, expert_ids, n_post
-    e1_pad = triton.next_power_of_2(num_experts + 2)         # buckets 0..E plus one unused bin
-    chunk = _chunk_size(numel)
-    num_chunks = triton.cdiv(numel, chunk)
+    e1_pad = max(16, triton.next_power_of_2(num_experts + 2))   # buckets 0..E plus an unused bin
+    chunk, num_chunks = _chunking(numel, e1_pad)
+    g_pad = triton.next_power_of_2(num_chunks)
+    bt = max(16, min(e1_pad, 8192 // g_pad))
     rank = torch.empty((numel,), dtype=torch.int32, device=device)
     table = torch.empty((num_chunks, e1_pad), dtype=torch.int32, device=device)
     scan_warps = 4 if e1_pad <= 1024 else 8
@@ -75,10 +79,10 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
     inline = numel <= SCATTER_INLINE_MAX
     _align_scan_kernel[(1,)](
         ids, rank, table, sorted_ids, expert_ids, n_post, numel, num_experts, block_m, num_chunks,
-        num_blocks, chunk, E1_PAD=e1_pad, BLOCK_S=_BLOCK_S, BLOCK_B=1024, SCATTER=inline,
+        num_blocks, chunk, E1_PAD=e1_pad, G_PAD=g_pad, BT=bt, BLOCK_S=_BLOCK_S, BLOCK_B=1024, SCATTER=inline,
         num_warps=scan_warps)
     if not inline:
-        _align_scatter_kernel[(num_chunks,)](
+        _align_scatter_kernel[(triton.cdiv(numel, _BLOCK_S),)](
             ids, rank, table, sorted_ids, numel, num_experts, chunk, E1_PAD=e1_pad, BLOCK_S=_BLOCK_S,
             num_warps=4)
     return sorted_ids, expert_ids, n_post
