@@ -389,7 +389,8 @@ def test_order_does_not_depend_on_discovery_order(dists: DistFactory, monkeypatc
         monkeypatch.setattr(importlib.metadata, "distributions", shuffled)
         plugins.reset()
         report = tuple((i.group, i.name, i.distribution) for i in plugins.load_report())
-        hook_order = tuple(impl.plugin_name for impl in plugins._REGISTRY.hooks.hook.moe_core_after_down.get_hookimpls())
+        impls = plugins._REGISTRY.hooks.hook.moe_core_after_down.get_hookimpls()
+        hook_order = tuple(impl.plugin_name for impl in impls)
         observed.add((report, hook_order))
     assert len(observed) == 1
     report, hook_order = observed.pop()
