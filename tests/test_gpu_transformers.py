@@ -18,7 +18,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from moe_core.integrations._hf_adapters import looks_like_moe  # noqa: E402
-from moe_core.integrations._hf_models import capture_block_io  # noqa: E402
+from moe_core.integrations._hf_models import arch_available, capture_block_io  # noqa: E402
 from moe_core.integrations.transformers import TINY_ARCHS, patch_moe, tiny_model, unpatch_moe  # noqa: E402
 from moe_core.testing import assert_close_normalized, tolerance_for  # noqa: E402
 
@@ -35,6 +35,14 @@ def _ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@pytest.fixture
+def arch(request):
+    ok, reason = arch_available(request.param)
+    if not ok:
+        pytest.skip(reason)
+    return request.param
+
+
 def _ids(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed)).cuda()
 
@@ -43,7 +51,7 @@ def _moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n.endswith(("mlp", "block_sparse_moe")) and looks_like_moe(m)}
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", TINY_ARCHS, indirect=True)
 def test_bf16_one_layer_logits(arch):
     model = tiny_model(arch, dtype=torch.bfloat16, device="cuda", num_hidden_layers=1, seed=7)
     ids = _ids(4, 32, 1)
@@ -61,7 +69,7 @@ def test_bf16_one_layer_logits(arch):
     assert torch.equal(back, ref)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", TINY_ARCHS, indirect=True)
 def test_bf16_every_block_on_real_activations(arch):
     model = tiny_model(arch, dtype=torch.bfloat16, device="cuda", num_hidden_layers=3, seed=8)
     blocks = _moe_blocks(model)
@@ -80,7 +88,7 @@ def test_bf16_every_block_on_real_activations(arch):
         unpatch_moe(model)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", TINY_ARCHS, indirect=True)
 def test_fp32_logits_and_greedy_generation(arch):
     model = tiny_model(arch, dtype=torch.float32, device="cuda", seed=9)
     ids = _ids(2, 16, 3)

@@ -17,8 +17,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from moe_core.errors import BackendNotFoundError, MoEInputError, UnsupportedConfigError  # noqa: E402
+from moe_core import select_experts  # noqa: E402
 from moe_core.integrations._hf_adapters import looks_like_moe, plan_block  # noqa: E402
-from moe_core.integrations._hf_models import capture_block_io  # noqa: E402
+from moe_core.integrations._hf_models import arch_available, capture_block_io  # noqa: E402
 from moe_core.integrations.transformers import (TINY_ARCHS, is_patched, patch_moe, tiny_model,  # noqa: E402
                                                 unpatch_moe)
 from moe_core.testing import assert_close_normalized, tolerance_for  # noqa: E402
@@ -37,6 +38,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module", params=TINY_ARCHS)
 def arch_model(request):
+    ok, reason = arch_available(request.param)
+    if not ok:
+        pytest.skip(reason)
     return request.param, tiny_model(request.param, seed=3)
 
 
@@ -189,6 +193,22 @@ def test_gpt_oss_plan_maps_swiglu_interleaved_biases_without_copy():
     assert weights.w1.data_ptr() == block.experts.gate_up_proj.data_ptr()
     assert weights.w2.data_ptr() == block.experts.down_proj.data_ptr()
     assert weights.b1 is block.experts.gate_up_proj_bias and weights.b2 is block.experts.down_proj_bias
+
+
+def test_gpt_oss_router_choice_is_select_experts_softmax_renormalize():
+    """gpt-oss reuses its router's top-k; it is select_experts(softmax, renormalize=True) of the logits."""
+    model = tiny_model("gpt_oss")
+    block = model.model.layers[0].mlp
+    plan = plan_block(block, model.config)
+    h = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, w, ids = plan.route(h)
+        logits = nn.functional.linear(h, block.router.weight, block.router.bias)
+        ref_w, ref_ids = select_experts(logits, plan.layer.top_k, renormalize=True)
+    order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(w.gather(1, order), ref_w.gather(1, ref_order), rtol=1e-5, atol=1e-6)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
 
 
 class MixtralSparseMoeBlock(nn.Module):

@@ -3,7 +3,7 @@
 One reader per architecture turns a block into a :class:`BlockPlan`: the
 :class:`~moe_core.MoELayer`, a function returning the block's :class:`~moe_core.ExpertWeights`,
 the routing (router logits → :func:`moe_core.select_experts` with the model's scoring,
-grouping, correction bias and scaling), the shared experts (kept as the model computes
+grouping, correction bias and scaling; gpt-oss reuses its router's own top-k), the shared experts (kept as the model computes
 them) and the shape of the block's return value.
 
 Two storage layouts exist across transformers versions, and both are read:
@@ -15,6 +15,10 @@ Two storage layouts exist across transformers versions, and both are read:
   weights are stacked once into [E, 2I, H] and [E, H, I] tensors (one copy per block, kept
   until :func:`unpatch_moe`); the copy is rebuilt if the model's weights move to another
   device or dtype, and must be redone (re-patch) after editing the weights in place.
+
+Known difference: transformers 4's DeepSeek-V3 router masks the experts of dropped groups
+with 0 rather than -inf, so with negative correction biases it can pick a masked expert;
+``select_experts`` (and transformers 5) never do.
 
 Nothing here imports transformers: blocks are recognised by class name and read through
 their attributes, so one reader covers every version that keeps the same attributes.
@@ -323,17 +327,21 @@ def _gpt_oss(block: nn.Module, config: Any) -> BlockPlan:
     k = int(_attr("top_k", router))
     alpha, limit = float(_attr("alpha", experts)), float(_attr("limit", experts))
 
+    # gpt-oss routing is "top-k of the logits, softmax over the k", i.e. select_experts(softmax,
+    # renormalize=True) -- but on bf16 logits ties are common, and a top-k of the fp32 softmax may break
+    # them differently from the router's top-k of the logits. The router runs anyway (the block returns
+    # its scores), so its own choice is reused: exact by construction.
     def route(h: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        out = router(h)                 # called for the value the block returns (and output recorders)
-        if isinstance(out, tuple) and len(out) == 3:      # transformers 5: (logits, top-k scores, ids)
-            logits, aux = out[0], out[1]
+        out = router(h)
+        if isinstance(out, tuple) and len(out) == 3:      # transformers 5: (logits, top-k scores [M, k], ids)
+            aux, ids = out[1], out[2]
+            w = out[1]
         elif isinstance(out, tuple) and len(out) == 2:    # transformers 4: (dense scores [M, E], ids)
-            aux = out[0]
-            logits = F.linear(h, router.weight, router.bias)
+            aux, ids = out[0], out[1]
+            w = out[0].gather(1, ids)
         else:
             raise TypeError(f"{type(router).__name__} returned {type(out).__name__}; expected a 2- or 3-tuple")
-        w, ids = select_experts(logits, k, renormalize=True)   # top-k of logits, softmax over the k
-        return aux, w, ids
+        return aux, w.float().contiguous(), ids.to(torch.int32).contiguous()
 
     layer = MoELayer(num_local_experts=E, num_experts=E, top_k=k, hidden_size=H, intermediate_size=I,
                      activation="swiglu_oai", gemm1_alpha=alpha, gemm1_limit=limit, gate_up_layout="interleaved")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model", "randomize_", "capture_block_io"]
+__all__ = ["TINY_ARCHS", "arch_available", "tiny_config", "tiny_model", "randomize_", "capture_block_io"]
 
 _COMMON: dict[str, Any] = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
@@ -39,12 +39,25 @@ _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 TINY_ARCHS: tuple[str, ...] = tuple(_ARCHS)
 
 
+def arch_available(arch: str) -> tuple[bool, str]:
+    """Whether the installed transformers has ``arch``'s config class, and a reason when not."""
+    import transformers
+
+    cls_name = _ARCHS[arch][0]
+    if hasattr(transformers, cls_name):
+        return True, ""
+    return False, f"transformers {transformers.__version__} has no {cls_name}"
+
+
 def tiny_config(arch: str, **overrides: Any) -> Any:
     """A transformers config of ``arch`` (one of :data:`TINY_ARCHS`), tiny unless overridden."""
     import transformers
 
     if arch not in _ARCHS:
         raise ValueError(f"arch: expected one of {TINY_ARCHS}, got {arch!r}")
+    ok, reason = arch_available(arch)
+    if not ok:
+        raise ImportError(reason)
     cls_name, tiny = _ARCHS[arch]
     kwargs = {**_COMMON, **tiny, **overrides}
     return getattr(transformers, cls_name)(**kwargs)

@@ -14,7 +14,7 @@ For each block, patching builds a :class:`~moe_core.MoELayer` and the
 them fused: no copy; transformers 4 stores per-expert ``nn.Linear`` layers: one stacked
 copy per block), routes with :func:`moe_core.select_experts` (the model's scoring,
 grouping, correction bias, renormalisation and scaling) on the logits of the block's own
-router, keeps shared experts as the model computes them (output = routed + shared), and
+router (gpt-oss: the router's own top-k, see ``_hf_adapters``), keeps shared experts as the model computes them (output = routed + shared), and
 returns what the original block returns (a tensor, or ``(hidden, router_logits)`` /
 ``(hidden, router_scores)`` where the block does).
 
@@ -134,8 +134,8 @@ def _text_config(model: nn.Module) -> Any:
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Outermost modules that hold experts, in module order (children of a block are not blocks)."""
     found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") or prefix == "" for prefix, _ in found):
+    for name, module in model.named_modules():       # pre-order: a block's descendants follow it
+        if found and (found[-1][0] == "" or name.startswith(found[-1][0] + ".")):
             continue
         if looks_like_moe(module):
             found.append((name, module))
