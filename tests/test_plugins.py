@@ -447,3 +447,20 @@ def test_malformed_entry_points_txt_hides_only_its_own_plugins(dists: DistFactor
     assert (bad.name, bad.group, bad.state, bad.version) == ("entry_points.txt", "metadata", "failed", "0.2")
     warned = plugin_warnings(caplog)
     assert len(warned) == 1 and "moe-core-mangled 0.2" in warned[0]
+
+
+def test_cli_backends_shows_third_party_and_broken_plugins(dists: DistFactory,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 2's done-when: a separate distribution shows up in ``moe-core backends``; a
+    broken one is reported with its cause and does not stop the others."""
+    from moe_core import cli
+
+    dists.add("moe-core-fake", "2.3", backends={"fake": "fake_be:B"}, modules={"fake_be": backend_module("B", "fake")})
+    dists.add("moe-core-broken", "0.4", backends={"broken": "broken_be:B"},
+              modules={"broken_be": "raise ImportError('libvendor.so: cannot open shared object file')\n"})
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "yes" in rows["fake"] and "moe-core-fake 2.3" in rows["fake"]
+    assert "failed" in rows["broken"] and "yes" in rows["torch"]
+    assert "libvendor.so: cannot open shared object file" in out and "broken_be.py" in out   # cause + traceback
