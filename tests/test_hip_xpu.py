@@ -242,6 +242,8 @@ def test_backend_keys_reach_the_kernel_launch(monkeypatch: pytest.MonkeyPatch) -
     """Whitelisted compile options are passed to the Triton launch (spy on the kernel)."""
     from moe_core.kernels import _gemm
 
+    if not interpreting():
+        pytest.skip("the other steps of the pretend device run under the Triton interpreter only")
     seen: dict = {}
 
     class Spy:
