@@ -408,3 +408,46 @@ def test_quantized_strided_rows_and_weights(scheme: str, kw: dict) -> None:
     got = moe_core.fused_experts(wide[:, 1:1 + x.shape[1]], w1p[:, :, :w1q.shape[2]], w2q, tw, ids, layer=layer,
                                  quant=quant, backend="torch")
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("act,layout", [(a, lay) for a in ACTS for lay in ("halves", "interleaved")
+                                        if ACTS[a].get("is_gated", True) or lay == "halves"])
+def test_activation_formulas_over_a_wide_range(act: str, layout: str) -> None:
+    """The torch backend's activation against SEMANTICS §4.3 written out with math, on
+    pre-activations in [-8, 8] (where approximations such as tanh-GELU show)."""
+    import math
+
+    from moe_core.reference import apply_activation
+
+    kw = dict(ACTS[act])
+    if kw.get("gemm1_limit") is not None:
+        kw["gemm1_limit"] = 7.0
+    layer = MoELayer(num_local_experts=1, top_k=1, hidden_size=8, intermediate_size=64, gate_up_layout=layout, **kw)
+    N = layer.gate_up_rows
+    h = torch.linspace(-8, 8, 3 * N, dtype=torch.float64).view(3, N)
+    h = h[:, torch.randperm(N, generator=torch.Generator().manual_seed(0))]
+    got = apply_activation(h.float(), layer).double()
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))                                   # noqa: E731
+    gelu = lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))              # noqa: E731
+    plain = {"silu": lambda v: v * sig(v), "gelu": gelu, "relu2": lambda v: max(v, 0.0) ** 2}
+    want = []
+    for row in h.float().double().tolist():
+        if not layer.is_gated:
+            want.append([plain[layer.activation](v) for v in row])
+            continue
+        I = N // 2
+        g, u = (row[0::2], row[1::2]) if layout == "interleaved" else (row[:I], row[I:])
+        lim, out = layer.gemm1_limit, []
+        for gv, uv in zip(g, u):
+            if layer.activation == "swiglu_oai":
+                gv, uv = min(gv, lim), max(-lim, min(uv, lim))
+                out.append(gv * sig(layer.gemm1_alpha * gv) * (uv + 1))
+            elif layer.activation == "gelu":
+                out.append(gelu(gv) * uv)
+            else:
+                s = gv * sig(gv)
+                if lim is not None:
+                    s, uv = min(s, lim), max(-lim, min(uv, lim))
+                out.append(s * uv)
+        want.append(out)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=2e-6, atol=2e-6)
