@@ -47,13 +47,22 @@ def _ids(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed)).cuda()
 
 
+def _model(arch: str, **kw) -> nn.Module:
+    """A tiny model whose unpatched experts are the per-expert loop (transformers 5 would
+    otherwise pick ``grouped_mm``, whose fp32 support depends on the torch build)."""
+    model = tiny_model(arch, device="cuda", **kw)
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    return model
+
+
 def _moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n.endswith(("mlp", "block_sparse_moe")) and looks_like_moe(m)}
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS, indirect=True)
 def test_bf16_one_layer_logits(arch):
-    model = tiny_model(arch, dtype=torch.bfloat16, device="cuda", num_hidden_layers=1, seed=7)
+    model = _model(arch, dtype=torch.bfloat16, num_hidden_layers=1, seed=7)
     ids = _ids(4, 32, 1)
     with torch.no_grad():
         ref = model(ids).logits
@@ -71,7 +80,7 @@ def test_bf16_one_layer_logits(arch):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS, indirect=True)
 def test_bf16_every_block_on_real_activations(arch):
-    model = tiny_model(arch, dtype=torch.bfloat16, device="cuda", num_hidden_layers=3, seed=8)
+    model = _model(arch, dtype=torch.bfloat16, num_hidden_layers=3, seed=8)
     blocks = _moe_blocks(model)
     seen = capture_block_io(model, blocks, _ids(4, 64, 2))
     patch_moe(model, backend="cuda")
@@ -90,7 +99,7 @@ def test_bf16_every_block_on_real_activations(arch):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS, indirect=True)
 def test_fp32_logits_and_greedy_generation(arch):
-    model = tiny_model(arch, dtype=torch.float32, device="cuda", seed=9)
+    model = _model(arch, dtype=torch.float32, seed=9)
     ids = _ids(2, 16, 3)
     prompt = _ids(1, 6, 4)
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
