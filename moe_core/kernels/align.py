@@ -23,7 +23,7 @@ __all__ = ["moe_align_block_size_triton", "SCATTER_INLINE_MAX"]
 logger = logging.getLogger(__name__)
 
 #: above this many slots the scatter runs as a third, grid-parallel launch
-SCATTER_INLINE_MAX = 16384
+SCATTER_INLINE_MAX = 4096
 #: slots ranked per inner step (a BLOCK_T × BLOCK_T comparison)
 _BLOCK_T = 64
 #: slots scattered per step
