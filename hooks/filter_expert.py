@@ -20,7 +20,6 @@ import weakref
 import torch
 
 from moe_core import hookimpl
-from moe_core.errors import MoEInputError
 from moe_core.spec import MoELayer
 
 _TABLES: weakref.WeakKeyDictionary[MoELayer, dict[torch.device, torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -28,40 +27,8 @@ _LOCK = threading.Lock()
 
 
 def build_table(layer: MoELayer) -> torch.Tensor:
-    """The int32 [E_g] global -> local table of ``layer`` on the CPU.
-
-    :param layer: a layer with ``num_experts`` known.
-    :raises MoEInputError: an explicit ``expert_map`` that is not int32 [E_g] with values in
-        ``[-1, E)`` and distinct local ids, or an uneven placement without ``expert_map``.
-    """
-    E_g = layer.num_experts
-    E = layer.num_local_experts
-    if layer.expert_map is not None:
-        table = layer.expert_map
-        if table.dim() != 1 or table.shape[0] != E_g:
-            raise MoEInputError(f"expert_map: expected a 1-D table of length num_experts = {E_g}, "
-                                f"got shape {list(table.shape)}")
-        if table.dtype != torch.int32:
-            raise MoEInputError(f"expert_map: expected dtype torch.int32, got {table.dtype}")
-        cpu = table.cpu()
-        if bool(((cpu < -1) | (cpu >= E)).any()):
-            raise MoEInputError(f"expert_map: values must lie in [-1, {E}) (num_local_experts)")
-        used = cpu[cpu >= 0]
-        if used.unique().numel() != used.numel():
-            raise MoEInputError("expert_map: two global ids map to the same local id")
-        return cpu
-    S = layer.num_fused_shared_experts
-    L = E - S
-    routed_global = E_g - S
-    if layer.ep_size * L != routed_global:
-        raise MoEInputError(f"layer: ep_size·local routed experts = {layer.ep_size}·{L} must equal the global "
-                            f"routed experts {routed_global}; pass expert_map for uneven placements")
-    table = torch.full((E_g,), -1, dtype=torch.int32)
-    start = layer.ep_rank * L
-    table[start:start + L] = torch.arange(L, dtype=torch.int32)
-    if S:
-        table[routed_global:] = torch.arange(L, L + S, dtype=torch.int32)
-    return table
+    """The int32 [E_g] global -> local table of ``layer`` on the CPU: :meth:`MoELayer.expert_table`."""
+    return layer.expert_table()
 
 
 def _table_on(layer: MoELayer, device: torch.device) -> torch.Tensor:

@@ -147,6 +147,48 @@ class MoELayer:
         """Whether ids need the global -> local mapping of step 1 (SEMANTICS §7)."""
         return self.num_experts is None or self.num_experts != self.num_local_experts
 
+    def expert_table(self) -> torch.Tensor:
+        """The int32 [E_g] global -> local expert-id table on the CPU (SEMANTICS §7).
+
+        Filled with ``-1``; global ``[rank·L, (rank+1)·L)`` maps to ``0 … L−1`` (L local routed
+        experts), the last S global ids (fused shared experts) to ``L … L+S−1``; an explicit
+        ``expert_map`` replaces it after its checks.
+
+        :raises MoEInputError: ``num_experts`` unknown; an ``expert_map`` that is not int32
+            [E_g] with values in ``[-1, E)`` and distinct local ids; an uneven placement
+            without ``expert_map``.
+        """
+        E_g = self.num_experts
+        E = self.num_local_experts
+        if E_g is None:
+            raise MoEInputError("num_experts: the global expert count is needed for an id table, got None")
+        if self.expert_map is not None:
+            table = self.expert_map
+            if table.dim() != 1 or table.shape[0] != E_g:
+                raise MoEInputError(f"expert_map: expected a 1-D table of length num_experts = {E_g}, "
+                                    f"got shape {list(table.shape)}")
+            if table.dtype != torch.int32:
+                raise MoEInputError(f"expert_map: expected dtype torch.int32, got {table.dtype}")
+            cpu = table.cpu()
+            if bool(((cpu < -1) | (cpu >= E)).any()):
+                raise MoEInputError(f"expert_map: values must lie in [-1, {E}) (num_local_experts)")
+            used = cpu[cpu >= 0]
+            if used.unique().numel() != used.numel():
+                raise MoEInputError("expert_map: two global ids map to the same local id")
+            return cpu
+        S = self.num_fused_shared_experts
+        L = E - S
+        routed_global = E_g - S
+        if self.ep_size * L != routed_global:
+            raise MoEInputError(f"layer: ep_size·local routed experts = {self.ep_size}·{L} must equal the global "
+                                f"routed experts {routed_global}; pass expert_map for uneven placements")
+        table = torch.full((E_g,), -1, dtype=torch.int32)
+        start = self.ep_rank * L
+        table[start:start + L] = torch.arange(L, dtype=torch.int32)
+        if S:
+            table[routed_global:] = torch.arange(L, L + S, dtype=torch.int32)
+        return table
+
     @property
     def gate_up_rows(self) -> int:
         """``N``: rows of ``w1`` (``2·I`` gated, ``I`` otherwise)."""
