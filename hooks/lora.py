@@ -383,7 +383,14 @@ class LoRAHooks:
         if self.impl == "triton" or (self.impl == "auto" and out2d.is_cuda):
             from moe_core.kernels.lora import lora_delta
 
-            lora_delta(self, which, inp, out2d, keys, topk_weights, row_div=k if which == "gate_up" else 1)
+            if which == "gate_up":
+                interleaved = self.is_gated and self.gate_up_layout == "interleaved"
+                lora_delta(self.gate_up_a, self.gate_up_b, self.ranks, self.scaling, inp, out2d, keys,
+                           topk_weights, row_div=k, slice_off=1 if interleaved else self.intermediate_size,
+                           col_stride=2 if interleaved else 1)
+            else:
+                lora_delta(self.down_a.unsqueeze(2), self.down_b.unsqueeze(2), self.ranks, self.scaling, inp,
+                           out2d, keys, topk_weights, row_div=1, slice_off=0, col_stride=1)
         else:
             self._apply_torch(which, inp, out2d, keys, topk_weights, k)
 

@@ -59,12 +59,22 @@ def ep_layer(layer: MoELayer, rank: int, world: int) -> MoELayer:
 
 
 def _table(layer: MoELayer) -> torch.Tensor:
-    """int32 [E_g] global -> local table of ``layer`` (CPU)."""
-    from moe_core.hooks.filter_expert import build_table
+    """int32 [E_g] global -> local table of ``layer`` (CPU), asked of the registered
+    ``moe_core_map_expert_ids`` hook (``filter_expert`` or a third-party placement plugin)
+    by mapping every global id once."""
+    from moe_core import plugins
 
     if layer.num_experts is None:
         raise MoEInputError("layer: expert parallelism needs num_experts (the global count), got None")
-    return build_table(layer)
+    every = torch.arange(layer.num_experts, dtype=torch.int32).unsqueeze(1)
+    if not layer.filter_expert:
+        return every.squeeze(1)
+    mapper = plugins.hookset_for(plugins.new_plugin_manager()).map_expert_ids
+    mapped = mapper(every, layer) if mapper is not None else None
+    if mapped is None:
+        raise MoEInputError("layer: no moe_core_map_expert_ids hook maps global ids to local ones; install or "
+                            "register the 'filter_expert' hook plugin")
+    return mapped.squeeze(1).to(torch.int32).cpu()
 
 
 def local_expert_ids(layer: MoELayer) -> torch.Tensor:
