@@ -466,3 +466,15 @@ def test_hooks_on_a_backend_that_takes_none(launches) -> None:
     runner.register(Recorder())
     _expect(MoEInputError, r"^hooks: backend 'torch-no-hooks' takes no hooks",
             lambda: runner.run(x, ExpertWeights(w1, w2), tw, ids), launches)
+
+
+def test_non_tensor_inputs(launches) -> None:
+    layer, x, w1, w2, tw, ids = _inputs()
+    _expect(MoETypeError, r"^x: expected a torch.Tensor, got list", lambda: _call(layer, x.tolist(), w1, w2, tw, ids),
+            launches)
+    _expect(MoETypeError, r"^topk_ids: expected a torch.Tensor, got list",
+            lambda: _call(layer, x, w1, w2, tw, ids.tolist()), launches)
+    _expect(MoETypeError, r"^topk_weights: expected a torch.Tensor, got list",
+            lambda: _call(layer, x, w1, w2, tw.tolist(), ids), launches)
+    _expect(MoETypeError, r"^w1: expected a torch.Tensor, got list",
+            lambda: _call(layer, x, w1.tolist(), w2, tw, ids), launches)
