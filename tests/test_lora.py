@@ -509,6 +509,7 @@ def test_triton_fp32_intermediate_and_neutrality_interpreted(dtype):
 def test_kernel_intermediate_is_fp32_static():
     """Tier I guard: the shrink result buffer is fp32 and no kernel rounds the intermediate."""
     import ast
+    import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "moe_core" / "kernels"
@@ -517,6 +518,6 @@ def test_kernel_intermediate_is_fp32_static():
               and getattr(n.targets[0], "id", "") == "t"]
     assert allocs and "dtype=torch.float32" in ast.unparse(allocs[0].value), "intermediate t must be fp32"
     kernels = (root / "_lora.py").read_text()
-    for bad in ("t.to(", "acc.to(tl.bfloat16", "acc.to(tl.float16", "t_ptr.dtype.element_ty"):
-        assert bad not in kernels, f"moe_core/kernels/_lora.py rounds the intermediate: {bad!r}"
+    for bad in (r"\bt\.to\(", r"\bacc\.to\(tl\.(bfloat16|float16)", r"\bt_ptr\.dtype\.element_ty"):
+        assert not re.search(bad, kernels), f"moe_core/kernels/_lora.py rounds the intermediate: {bad!r}"
     assert "tl.store(t_ptrs, acc," in kernels
