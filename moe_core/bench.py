@@ -107,7 +107,9 @@ def grouped_mm_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_wei
     E = w1.shape[0]
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))   # bincount would sync
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     tokens = order // k
     h = torch._grouped_mm(x[tokens], w1.transpose(1, 2), offs=offs)
     a = _act(h, layer)
