@@ -50,6 +50,18 @@ def apply_activation(gate_up: torch.Tensor, layer: MoELayer) -> torch.Tensor:
     return s * u
 
 
+def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of fp32 tensors with IEEE fp32 accuracy (SEMANTICS §1: no TF32).
+
+    On CUDA with ``torch.set_float32_matmul_precision`` below ``"highest"`` cuBLAS may use
+    TF32; the product is then taken in float64 and rounded back, so the torch backend stays
+    a trustworthy fast oracle whatever the process-wide setting.
+    """
+    if a.is_cuda and torch.get_float32_matmul_precision() != "highest":
+        return (a.double() @ b.double()).float()
+    return a @ b
+
+
 class TorchBackend(Backend):
     """Plain-torch implementation of every step; lowest priority, always available."""
 
@@ -83,7 +95,7 @@ class TorchBackend(Backend):
             if e < 0:
                 out[slots] = 0
                 continue
-            y = a32[slots // top_k] @ dequantize_weight(w, e, quant, w_scale, w_zp).T
+            y = _matmul_f32(a32[slots // top_k], dequantize_weight(w, e, quant, w_scale, w_zp).T)
             if bias is not None:
                 y = y + bias[e].float()
             if mul_routed_weight:

@@ -451,3 +451,43 @@ def test_activation_formulas_over_a_wide_range(act: str, layout: str) -> None:
                 out.append(s * uv)
         want.append(out)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=2e-6, atol=2e-6)
+
+
+# -- the torch backend on a GPU (the fast oracle of the GPU grids) ------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme,kw,dtype", [pytest.param(None, {}, torch.float32, id="fp32-tf32-setting"),
+                                             pytest.param(None, {}, torch.bfloat16, id="bf16"),
+                                             *_quant_params()])
+def test_torch_backend_on_gpu(scheme, kw: dict, dtype: torch.dtype) -> None:
+    M, H, I, E, k = 222, 512, 256, 16, 4
+    if scheme is None:
+        layer, x, w1, w2, b1, b2, tw, ids = _make(M, H, I, E, k, dtype=dtype, bias=True, routing="with_minus_one",
+                                                  seed=17, routed_scaling_factor=2.5)
+        quant = None
+    else:
+        layer, x, w1, w2, quant, tw, ids = _quant_case(scheme, kw, dtype, M=M, H=H, I=I, E=E, k=k)
+        b1 = b2 = None
+        if quant.a1_scale is not None and quant.a1_scale.numel() > 1:      # per-token static scales
+            pytest.skip("the static per-token case is shaped for M = 21")
+    dev = torch.device("cuda")
+    cuda = lambda t: None if t is None else t.to(dev)                    # noqa: E731
+    quant_dev = None
+    if quant is not None:
+        import attrs
+
+        quant_dev = attrs.evolve(quant, **{n: cuda(getattr(quant, n)) for n in
+                                           ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "w1_zp", "w2_zp")})
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")        # TF32 allowed process-wide: the backend must not use it
+    try:
+        out = moe_core.fused_experts(cuda(x), cuda(w1), cuda(w2), cuda(tw), cuda(ids), layer=layer, quant=quant_dev,
+                                     b1=cuda(b1), b2=cuda(b2), backend="torch")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    ref = oracle_moe(x, w1, w2, tw, ids, b1=b1, b2=b2, quant=quant,
+                     round_intermediate=None if dtype == torch.float32 else dtype, **_oracle_kw(layer))
+    assert out.is_cuda and out.dtype == dtype
+    if quant is None:
+        assert_close_normalized(out, ref, *tolerance_for(dtype), topk_ids=ids)
+    else:
+        assert_close_quant(out, ref, quant, topk_ids=ids)
