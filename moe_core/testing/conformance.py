@@ -233,7 +233,8 @@ class BackendConformanceTests:
             f"backend name must be a non-empty lowercase id, got {b.name!r}"
         assert b.api_version == moe_core.PLUGIN_API_VERSION, \
             f"backend {b.name!r} declares plugin API {b.api_version}, moe-core has {moe_core.PLUGIN_API_VERSION}"
-        assert isinstance(b.priority, int) and not isinstance(b.priority, bool), f"priority must be an int, got {b.priority!r}"
+        assert isinstance(b.priority, int) and not isinstance(b.priority, bool), \
+            f"priority must be an int, got {b.priority!r}"
         for answer, what in ((b.is_available(), "is_available()"),
                              (b.supports(_Case(self, b, torch.float32, M=1).layer, moe_core.QuantSpec.none()),
                               "supports(layer, QuantSpec.none())"),
@@ -313,8 +314,9 @@ class BackendConformanceTests:
         self._supported_or_skip(moe_backend, case)
         _poison_empty(monkeypatch)
         out = self._run(moe_backend, case)
-        assert bool((out[-1] == 0).all()), (f"a token whose every slot is -1 must give an exactly zero row, got "
-                                            f"max |out| = {out[-1].abs().max().item():.3e}; {case.context(moe_backend)}")
+        assert bool((out[-1] == 0).all()), (
+            f"a token whose every slot is -1 must give an exactly zero row, got "
+            f"max |out| = {out[-1].abs().max().item():.3e}; {case.context(moe_backend)}")
         self._check(moe_backend, case, out, case.oracle(), routing="with -1 slots")
 
     def test_no_combine_is_unweighted(self, moe_backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -398,7 +400,8 @@ class BackendConformanceTests:
         assert set(recorder.seen) >= {"gate_up", "down"}, "the hooks were not called"
         gate_up, down = recorder.seen["gate_up"].double().cpu(), recorder.seen["down"].double().cpu()
         N, H = case.layer.gate_up_rows, case.layer.hidden_size
-        assert tuple(gate_up.shape) == (M, k, N), f"after_gate_up must see [M, k, N] = {(M, k, N)}, got {tuple(gate_up.shape)}"
+        assert tuple(gate_up.shape) == (M, k, N), \
+            f"after_gate_up must see [M, k, N] = {(M, k, N)}, got {tuple(gate_up.shape)}"
         assert tuple(down.shape) == (M, k, H), f"after_down must see [M, k, H] = {(M, k, H)}, got {tuple(down.shape)}"
         assert torch.equal(recorder.seen["ids"].cpu(), case.topk_ids), "hooks must see the local ids [M, k]"
         valid = case.topk_ids >= 0
@@ -412,8 +415,9 @@ class BackendConformanceTests:
                                 **case.context(moe_backend, hook="after_gate_up: row [m, j] must be x[m] @ w1[e]^T"))
         weights = torch.where(valid, case.topk_weights.double(), 0.0)
         want_down = case.oracle(no_combine=True) * weights.unsqueeze(-1)
+        where = "after_down: row [m, j] must be slot m*k + j, weighted"
         assert_close_normalized(down[rows], want_down[rows], *tolerance_for(dtype),
-                                **case.context(moe_backend, hook="after_down: row [m, j] must be slot m*k + j, weighted"))
+                                **case.context(moe_backend, hook=where))
         assert bool((down[~valid] == 0).all()), "after_down: rows of -1 slots must be exactly zero"
         want = case.oracle() + s * delta * valid.double().sum(dim=1, keepdim=True)
         assert_close_normalized(out, want, *tolerance_for(dtype),
