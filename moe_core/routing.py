@@ -11,6 +11,10 @@ __all__ = ["select_experts", "SCORING_FUNCS"]
 SCORING_FUNCS = ("softmax", "sigmoid")
 
 
+def _describe(t: object) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True,
                    scoring_func: str = "softmax", num_expert_group: int | None = None,
                    topk_group: int | None = None, correction_bias: torch.Tensor | None = None,
@@ -34,8 +38,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
     :returns: ``topk_weights`` [M, k] float32, ``topk_ids`` [M, k] int32.
     """
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
-        raise MoEInputError(f"router_logits: expected a 2-D [M, E] tensor, got "
-                            f"{list(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__}")
+        raise MoEInputError(f"router_logits: expected a 2-D [M, E] tensor, got {_describe(router_logits)}")
     if not router_logits.dtype.is_floating_point:
         raise MoETypeError(f"router_logits: expected a floating-point tensor, got {router_logits.dtype}")
     M, E = router_logits.shape
@@ -52,10 +55,10 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
     choice = scores
     if correction_bias is not None:
         if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (E,):
-            raise MoEInputError(f"correction_bias: expected a tensor of shape [{E}], got "
-                                f"{list(correction_bias.shape) if isinstance(correction_bias, torch.Tensor) else type(correction_bias).__name__}")
+            raise MoEInputError(f"correction_bias: expected a tensor of shape [{E}], got {_describe(correction_bias)}")
         if correction_bias.device != router_logits.device:
-            raise MoEInputError(f"correction_bias: expected device {router_logits.device}, got {correction_bias.device}")
+            raise MoEInputError(f"correction_bias: expected device {router_logits.device}, "
+                                f"got {correction_bias.device}")
         bias = torch.nan_to_num(correction_bias.float(), nan=0.0)
         choice = scores + bias.unsqueeze(0)
     if num_expert_group is not None or topk_group is not None:
