@@ -72,6 +72,9 @@ def _check_scale_tensors(quant: QuantSpec, device: torch.device) -> None:
             raise MoEInputError(f"{name}: scheme {quant.scheme!r} needs a weight scale tensor, got None")
     if quant.is_w8a8 and quant.per_channel and quant.block_shape is not None:
         raise MoEInputError("quant: per_channel=True and block_shape are two schemes; pass one of them")
+    if quant.is_block and (quant.a1_scale is not None or quant.a2_scale is not None):
+        raise MoEInputError("a1_scale: block-wise quantization computes activation scales per token group; "
+                            "a1_scale/a2_scale must be None")
     if quant.is_weight_only:
         for name in ("a1_scale", "a2_scale"):
             if getattr(quant, name) is not None:

@@ -344,6 +344,11 @@ def test_scale_without_scheme_and_scheme_without_scale(launches) -> None:
             lambda: _call(layer, x, w1q, w2q, tw, ids, quant=QuantSpec(scheme="fp8_w8a8", w1_scale=q.w1_scale,
                                                                        w2_scale=q.w2_scale, per_channel=True,
                                                                        block_shape=(16, 16))), launches)
+    _expect(MoEInputError, r"^a1_scale: block-wise quantization computes activation scales per token group",
+            lambda: _call(layer, x, w1q, w2q, tw, ids, quant=QuantSpec(scheme="fp8_w8a8", w1_scale=torch.ones(E, 2, 2),
+                                                                       w2_scale=torch.ones(E, 2, 1),
+                                                                       block_shape=(16, 16),
+                                                                       a1_scale=torch.ones(1))), launches)
     _expect(MoETypeError, r"^w2_scale: expected dtype torch.float32, got torch.float64",
             lambda: _call(layer, x, w1q, w2q, tw, ids, quant=QuantSpec(scheme="fp8_w8a8", w1_scale=q.w1_scale,
                                                                        w2_scale=q.w2_scale.double())), launches)
