@@ -491,3 +491,24 @@ def test_torch_backend_on_gpu(scheme, kw: dict, dtype: torch.dtype) -> None:
         assert_close_normalized(out, ref, *tolerance_for(dtype), topk_ids=ids)
     else:
         assert_close_quant(out, ref, quant, topk_ids=ids)
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_channel": True}, {"block_shape": (16, 16)}], ids=["tensor", "channel", "block"])
+def test_fp8_e4m3fnuz_backend(kw: dict) -> None:
+    """A backend declaring ``fp8_dtype = float8_e4m3fnuz`` (gfx942) quantizes with qmax 240."""
+    from moe_core.reference import TorchBackend
+
+    class FnuzTorch(TorchBackend):
+        name = "torch-fnuz"
+        fp8_dtype = torch.float8_e4m3fnuz
+
+    layer, x, w1, w2, _, _, tw, ids = _make(21, 64, 48, 6, 2, dtype=torch.bfloat16, routing="with_minus_one", seed=18)
+    w1q, w2q, quant = quantize_layer(w1.float(), w2.float(), "fp8_w8a8", fp8_dtype=torch.float8_e4m3fnuz, **kw)
+    assert w1q.dtype == torch.float8_e4m3fnuz
+    out = moe_core.fused_experts(x, w1q, w2q, tw, ids, layer=layer, quant=quant, backend=FnuzTorch())
+    ref = oracle_moe(x, w1q, w2q, tw, ids, quant=quant, round_intermediate=torch.bfloat16,
+                     fp8_dtype=torch.float8_e4m3fnuz)
+    assert_close_quant(out, ref, quant, topk_ids=ids)
+    # and the e4m3fn oracle is measurably different (the fp8 type is honoured)
+    ref_fn = oracle_moe(x, w1q, w2q, tw, ids, quant=quant, round_intermediate=torch.bfloat16)
+    assert not torch.equal(ref, ref_fn)
