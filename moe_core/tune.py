@@ -125,6 +125,22 @@ class TuneSpec:
         return a, b
 
 
+def _fast_tiles(bm: int) -> list[tuple[int, int, int]]:
+    """``(BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps)`` of the fast space for one ``BLOCK_SIZE_M``.
+
+    Small row tiles (decode) stream weights: wide K tiles, 4 warps. Large row tiles (prefill)
+    are matrix-bound: wide N tiles, 8 warps once the accumulator passes 16K elements.
+    """
+    if bm <= 32:
+        return [(bn, bk, 4) for bn in (64, 128) for bk in (64, 128, 256)]
+    out = []
+    for bn in (128, 256):
+        size = bm * bn
+        warps = (4,) if size < 16384 else ((4, 8) if size == 16384 else (8,))
+        out += [(bn, bk, w) for bk in (64, 128) for w in warps]
+    return out
+
+
 def search_space(spec: TuneSpec, gemm: str, M: int, *, fast: bool = False, has_tma: bool = False,
                  smem_limit: int | None = None, block_m: int | None = None) -> list[dict[str, Any]]:
     """The pruned candidate configs of ``gemm`` at batch size ``M``.
@@ -133,39 +149,54 @@ def search_space(spec: TuneSpec, gemm: str, M: int, *, fast: bool = False, has_t
     and ``BLOCK_SIZE_K`` no larger than the problem; ``BLOCK_SIZE_K`` dividing the quant
     block/group; ``GROUP_SIZE_M > 1`` only with enough row blocks; 8 warps only for large tiles;
     configs over the shared-memory limit dropped; ``USE_TMA`` variants only for gemm2 when
-    ``has_tma``. ``block_m`` pins ``BLOCK_SIZE_M`` (gemm2 shares gemm1's).
+    ``has_tma``. ``block_m`` pins ``BLOCK_SIZE_M`` (gemm2 shares gemm1's). ``fast`` keeps the
+    two largest allowed ``BLOCK_SIZE_M`` and the tile shapes of :func:`_fast_tiles`.
     """
     n_out, K = spec.dims(gemm)
     per_expert = math.ceil(M * spec.top_k / spec.E)
     bm_cap = max(16, min(128, _pow2_at_least(per_expert)))
     bms = [block_m] if block_m is not None else [b for b in (16, 32, 64, 128) if b <= bm_cap]
-    bns = (64, 128) if fast else (32, 64, 128, 256)
-    bks = (64, 128) if fast else (32, 64, 128, 256)
-    bns = [b for b in bns if b <= max(32, _pow2_at_least(n_out))] or [bns[0]]
-    bks = [b for b in bks if b <= max(32, _pow2_at_least(K))] or [bks[0]]
+    if fast and block_m is None:
+        bms = bms[-2:]
+    n_cap, k_cap = max(32, _pow2_at_least(n_out)), max(32, _pow2_at_least(K))
     divisor = spec.block_shape[1] if spec.block_shape else spec.group_size
-    if divisor:
-        bks = [b for b in bks if divisor % b == 0] or [max((b for b in (32, 64, 128, 256) if divisor % b == 0),
-                                                            default=16)]
+
+    def fit_k(bks: Iterable[int]) -> list[int]:
+        bks = [b for b in bks if b <= k_cap] or [min(bks)]
+        if divisor:
+            bks = [b for b in bks if divisor % b == 0] or [max((b for b in (32, 64, 128, 256) if divisor % b == 0),
+                                                                default=16)]
+        return bks
+
+    def tiles(bm: int) -> list[tuple[int, int, int]]:
+        if fast:
+            shapes = [(min(bn, n_cap), bk, w) for bn, bk, w in _fast_tiles(bm)]
+            out = []
+            for bn, bk, w in shapes:
+                for k in fit_k([bk]):
+                    if (bn, k, w) not in out:
+                        out.append((bn, k, w))
+            return out
+        bns = [b for b in (32, 64, 128, 256) if b <= n_cap] or [32]
+        return [(bn, bk, w) for bn in bns for bk in fit_k((32, 64, 128, 256))
+                for w in ((4, 8) if bm * bn >= 8192 else (4,))]
+
     stages = (3, 4) if fast else (2, 3, 4, 5)
     a_bytes, b_bytes = spec.operand_bytes()
     out: list[dict[str, Any]] = []
     for bm in bms:
         row_blocks = math.ceil(M * spec.top_k / bm)
         gms = [1] if row_blocks < 16 else ((1, 16) if fast else (1, 16, 32, 64))
-        for bn in bns:
-            warps = (4, 8) if bm * bn >= 8192 else (4,)
-            for bk in bks:
-                for gm in gms:
-                    for w in warps:
-                        for s in stages:
-                            cfg = {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
-                                   "GROUP_SIZE_M": gm, "num_warps": w, "num_stages": s}
-                            if smem_limit and _config.estimate_shared_memory(cfg, a_bytes, b_bytes) > smem_limit:
-                                continue
-                            out.append(cfg)
-                            if gemm == "down" and has_tma:
-                                out.append({**cfg, "USE_TMA": True})
+        for bn, bk, w in tiles(bm):
+            for gm in gms:
+                for s in stages:
+                    cfg = {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
+                           "GROUP_SIZE_M": gm, "num_warps": w, "num_stages": s}
+                    if smem_limit and _config.estimate_shared_memory(cfg, a_bytes, b_bytes) > smem_limit:
+                        continue
+                    out.append(cfg)
+                    if gemm == "down" and has_tma:
+                        out.append({**cfg, "USE_TMA": True})
     return out
 
 
@@ -178,11 +209,89 @@ def wall_timer(fn: Callable[[], Any], *, reps: int = 3) -> float:
     return (time.perf_counter() - start) * 1e3 / reps
 
 
-def cuda_graph_timer(fn: Callable[[], Any], *, rep_ms: int = 20) -> float:
-    """Median milliseconds of ``fn`` from CUDA-graph replays (``triton.testing.do_bench_cudagraph``)."""
-    import triton.testing
+def cuda_graph_timer(fn: Callable[[], Any], *, target_ms: float = 2.0, reps: int = 5) -> float:
+    """Median milliseconds of ``fn`` from CUDA-graph replays.
 
-    return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    One graph of ``n`` calls (``n`` chosen so a replay lasts about ``target_ms``), replayed
+    ``reps`` times after one warm replay; the median replay over ``n``. About 20 ms per
+    candidate, a tenth of ``triton.testing.do_bench_cudagraph``'s defaults.
+    """
+    import statistics
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    one = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(one):
+        fn()
+    one.replay()
+    start.record()
+    for _ in range(3):
+        one.replay()
+    end.record()
+    end.synchronize()
+    n = max(1, min(400, int(target_ms / max(start.elapsed_time(end) / 3, 1e-3))))
+    del one
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    del graph
+    return float(statistics.median(times))
+
+
+def _precompile(bench: _Bench, candidates: Sequence[dict[str, Any]], workers: int | None = None) -> int:
+    """Compile the Triton kernels of ``candidates`` on a thread pool before timing them.
+
+    Each candidate is launched in warm-up mode (compile only) under Triton's
+    ``AsyncCompileMode``; compile failures are ignored here (the timing loop skips them).
+    :returns: the number of candidates submitted (0 when this Triton has no async compile or
+        the backend's GEMM is not the shared Triton kernel).
+    """
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+
+        from moe_core.kernels import _gemm
+        from moe_core.kernels.backend import TritonBackend
+    except ImportError as exc:
+        logger.info("no parallel precompile: %s", exc)
+        return 0
+    if not isinstance(bench.backend, TritonBackend) or bench.device.type != "cuda":
+        return 0
+    real = _gemm._grouped_gemm_kernel
+
+    class _WarmOnly:
+        def __getitem__(self, grid: Any) -> Callable[..., Any]:
+            return lambda *args, **kwargs: real.warmup(*args, grid=grid, **kwargs)
+
+    submitted = 0
+    workers = workers or max(1, (os.cpu_count() or 2))
+    start = time.perf_counter()
+    _gemm._grouped_gemm_kernel = _WarmOnly()
+    try:
+        with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for cand in candidates:
+                try:
+                    bench.launcher(bench.launch_config(cand))()
+                    submitted += 1
+                except Exception as exc:  # noqa: BLE001 - the timing loop reports real failures
+                    (logger.warning if submitted == 0 else logger.debug)(
+                        "precompile of %s failed: %s: %s", cand, type(exc).__name__, exc)
+    finally:
+        _gemm._grouped_gemm_kernel = real
+    logger.info("precompiled %d candidates on %d threads in %.1f s", submitted, workers,
+                time.perf_counter() - start)
+    return submitted
 
 
 @attrs.define
@@ -376,7 +485,7 @@ def tune(backend: Backend, spec: TuneSpec, *, out_dir: str | Path,
     name = device_name or backend.device_name()
     folder = Path(out_dir) / files.triton_folder()
     smem = _config._safe(backend.shared_memory_limit, None)
-    tma = bool(_config._safe(backend.has_tma, False))
+    tma = bool(_config._safe(backend.has_tma, False)) and _gemm_reads_tma(backend)
     batch_sizes = sorted(set(int(m) for m in batch_sizes))
     results: dict[str, dict[int, GemmResult]] = {}
     up_table = _read_partial(folder / files.config_file_name(spec.file_key(name, "up")))
@@ -395,10 +504,22 @@ def tune(backend: Backend, spec: TuneSpec, *, out_dir: str | Path,
         if not todo:
             continue
         bench = _Bench(backend, spec, gemm, device, seed)
-        for M in todo:
-            block_m = None
+
+        def block_m_of(M: int) -> int | None:
             if gemm == "down" and up_table:
-                block_m = up_table[_config.nearest_key(up_table, M)]["BLOCK_SIZE_M"]
+                return up_table[_config.nearest_key(up_table, M)]["BLOCK_SIZE_M"]
+            return None
+
+        if device.type == "cuda":
+            union: dict[str, dict[str, Any]] = {}
+            for M in todo:
+                for c in search_space(spec, gemm, M, fast=fast, has_tma=tma, smem_limit=smem,
+                                      block_m=block_m_of(M)):
+                    union.setdefault(json.dumps(c, sort_keys=True), c)
+            bench.set_batch(todo[0])
+            _precompile(bench, list(union.values()))
+        for M in todo:
+            block_m = block_m_of(M)
             cands = search_space(spec, gemm, M, fast=fast, has_tma=tma, smem_limit=smem, block_m=block_m)
             bench.set_batch(M)
             res = GemmResult(M=M, config=None, time_ms=None)
@@ -431,6 +552,18 @@ def tune(backend: Backend, spec: TuneSpec, *, out_dir: str | Path,
             results[gemm][M] = res
         del bench                              # free this GEMM's weights before the next
     return results
+
+
+def _gemm_reads_tma(backend: Backend) -> bool:
+    """Whether ``USE_TMA`` changes the backend's GEMM launch: the shared Triton kernel takes no
+    tensor descriptors yet (``LAUNCH_KEYS``), so TMA variants would time the same kernel twice."""
+    from moe_core.kernels.backend import TritonBackend
+
+    if not isinstance(backend, TritonBackend):
+        return True
+    from moe_core.kernels.gemm import LAUNCH_KEYS
+
+    return "USE_TMA" in LAUNCH_KEYS
 
 
 def _default_config(backend: Backend, spec: TuneSpec, gemm: str, M: int, block_m: int | None) -> dict[str, Any]:

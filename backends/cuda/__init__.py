@@ -7,6 +7,9 @@ are imported when a step first runs.
 
 from __future__ import annotations
 
+from importlib import resources
+from typing import Any
+
 import torch
 
 from moe_core.kernels.backend import TritonBackend
@@ -31,3 +34,17 @@ class CudaBackend(TritonBackend):
         if torch.cuda.device_count() == 0:
             return False, "torch reports CUDA but no device is visible (CUDA_VISIBLE_DEVICES?)"
         return True, f"CUDA device {torch.cuda.get_device_name()}"
+
+    # -- config data -----------------------------------------------------------------
+    @property
+    def device_aliases(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Hopper siblings: an H200 (same SM, more bandwidth) falls back to the H100 tables."""
+        name = self.device_name()
+        if name.startswith("NVIDIA_H200") or name.startswith("NVIDIA_H100"):
+            return tuple(n for n in ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3") if n != name)
+        return ()
+
+    def config_dirs(self) -> list[Any]:
+        """The shipped tables, ``configs/triton_X_Y_Z/`` inside this package."""
+        root = resources.files("moe_core.backends.cuda") / "configs"
+        return [root] if root.is_dir() else []

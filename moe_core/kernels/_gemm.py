@@ -28,7 +28,9 @@ import triton.language as tl
 __all__ = ["_grouped_gemm_kernel"]
 
 
-@triton.jit
+# EM and num_valid_tokens change with every batch size; specialising them (divisibility by 16)
+# would compile each config twice or more as M varies, for no faster code.
+@triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
 def _grouped_gemm_kernel(
     a_ptr, w_ptr, out_ptr,
     a_scale_ptr, w_scale_ptr, w_zp_ptr, bias_ptr, topk_weights_ptr,

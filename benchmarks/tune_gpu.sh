@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Tune the shipped cuda tables on the device machine (issue 4 item 4).
+# usage: benchmarks/tune_gpu.sh DEADLINE_S DTYPE[:BLOCK] MODEL...   (results resume from .tune_out/)
+# Stops starting new models after DEADLINE_S seconds; tars .tune_out into $OUT/tuned.tgz at the end.
+set -u
+deadline=$1; shift
+dtype=$1; shift
+start=$(date +%s)
+export PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/out}
+mkdir -p "$out" .tune_out
+pip install --no-build-isolation --no-deps -q -e . >/dev/null 2>&1 || echo "pip install failed"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+block=()
+case $dtype in *:*) block=(--block-shape "${dtype#*:}"); dtype=${dtype%%:*};; esac
+for model in "$@"; do
+  now=$(( $(date +%s) - start ))
+  left=$(( deadline - now ))
+  if [ "$left" -lt 30 ]; then echo "SKIP $model: ${now}s used"; continue; fi
+  echo "== $model $dtype ${block[*]} (t=${now}s, ${left}s left)"
+  timeout "$left" moe-core tune --model "$model" --dtype "$dtype" "${block[@]}" --fast --out .tune_out \
+      2>&1 | grep -v $'\r' | tee -a "$out/tune.log" | grep -E "^(up |down |gemm|device|==|Traceback)|Error|precompiled|WARNING" 
+  echo "== $model rc=${PIPESTATUS[0]} t=$(( $(date +%s) - start ))s"
+done
+tar czf "$out/tuned.tgz" .tune_out
+ls -R .tune_out | head -40
