@@ -117,6 +117,8 @@ class LoRAHooks:
         self.slices = 2 if self.is_gated else 1
         self.dtype = dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if global_to_local is not None:
             if global_to_local.dim() != 1 or global_to_local.dtype != torch.int32:
                 raise MoEInputError(f"global_to_local: expected a 1-D int32 table, got "
@@ -370,7 +372,7 @@ class LoRAHooks:
         if t.dtype != self.dtype:
             raise MoETypeError(f"{name}: LoRA adapters are {self.dtype}, the forward runs in {t.dtype}; "
                                "build the hooks with the layer's dtype")
-        if t.device != self.device and not (t.device.type == self.device.type == "cuda" and self.device.index is None):
+        if t.device != self.device:
             raise MoEInputError(f"{name}: LoRA buffers live on {self.device}, the forward on {t.device}")
 
     def _apply(self, which: str, inp: torch.Tensor, out: torch.Tensor, topk_ids: torch.Tensor,

@@ -521,3 +521,32 @@ def test_kernel_intermediate_is_fp32_static():
     for bad in (r"\bt\.to\(", r"\bacc\.to\(tl\.(bfloat16|float16)", r"\bt_ptr\.dtype\.element_ty"):
         assert not re.search(bad, kernels), f"moe_core/kernels/_lora.py rounds the intermediate: {bad!r}"
     assert "tl.store(t_ptrs, acc," in kernels
+
+
+@pytest.mark.interp
+def test_whole_forward_triton_backend_and_kernels_interpreted():
+    """The Triton sequence (CUDA backend, platform probe overridden) with the Triton LoRA
+    kernels, both under the interpreter, against the per-token oracle (fp16)."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter tests run on CPU machines only")
+    from moe_core.backends.cuda import CudaBackend
+
+    class InterpCuda(CudaBackend):
+        def is_available(self):
+            return True, "test: interpreter"
+
+    M, E, k, H, I = 7, 4, 2, 32, 16
+    g, x, w1, w2, tw, ti = _problem(M, E, k, H, I, torch.float16, seed=31, minus_one=True)
+    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, routed_scaling_factor=1.5)
+    lora = LoRAHooks.for_layer(layer, max_loras=2, max_rank=8, max_num_tokens=M, dtype=torch.float16)
+    lora.impl = "triton"
+    adapters = [_adapter(E, 2, r, H, I, torch.float16, g) for r in (4, 8)]
+    for i, ad in enumerate(adapters):
+        _load(lora, f"ad{i}", ad)
+    idx = torch.tensor([0, 1, -1, 1, 0, -1, 0], dtype=torch.int32)
+    lora.set_token_adapters(idx)
+    runner = MoERunner(layer, backend=InterpCuda())
+    runner.register(lora)
+    out = runner.run(x, ExpertWeights(w1, w2), tw, ti)
+    ref = lora_oracle(x, w1, w2, tw, ti, adapters, idx, scaling=1.5)
+    assert_close_normalized(out, ref, *tolerance_for(torch.float16))
