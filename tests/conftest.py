@@ -23,6 +23,11 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 HAS_GPU = torch.cuda.is_available()
 
+# Tests use small tensors: one intra-op thread per process is faster than oversubscribing the
+# CI machine's 2 cores (pytest -n 2 already runs two processes).
+if not HAS_GPU:
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
