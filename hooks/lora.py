@@ -17,10 +17,9 @@ sizes, so the hooks run under CUDA-graph capture). The per-token adapter index l
 :attr:`LoRAHooks.token_adapters` (int32 [max_num_tokens], ``-1`` = no adapter); update it
 in place (:meth:`LoRAHooks.set_token_adapters`, or ``copy_`` into it between graph replays).
 
-**no_combine.** The hooks cannot see ``no_combine``: the down delta is weighted by the
-routed weight unless ``layer.apply_router_weight_on_input``, which matches the ``down``
-buffer of a combining forward. A caller that runs with ``no_combine=True`` (``down``
-unweighted) sets ``lora.weight_down_delta = False``.
+**Weighting.** Each delta is weighted like the buffer it edits: the gate_up delta by the
+routed weight iff ``layer.apply_router_weight_on_input``; the down delta unless
+``apply_router_weight_on_input`` or the forward's ``no_combine`` (the hook receives it).
 
 **PEFT key layout** (:meth:`LoRAHooks.load_peft`, :meth:`LoRAHooks.export_peft`): one pair
 of tensors per expert and projection, keys ending in::
@@ -125,8 +124,6 @@ class LoRAHooks:
                                     f"{global_to_local.dtype} {list(global_to_local.shape)}")
             global_to_local = global_to_local.cpu()
         self.global_to_local = global_to_local
-        #: set False when the forward runs with ``no_combine`` (``down`` is then unweighted)
-        self.weight_down_delta = True
         #: ``auto`` (Triton on CUDA tensors, torch otherwise), ``torch`` or ``triton``
         #: (``triton`` on CPU tensors runs under ``TRITON_INTERPRET=1``)
         self.impl = "auto"
@@ -444,12 +441,12 @@ class LoRAHooks:
 
     @hookimpl
     def moe_core_after_down(self, act: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
-                            topk_ids: torch.Tensor, layer: MoELayer) -> None:
-        """Add the down delta in place (weighted unless ``apply_router_weight_on_input``;
-        see the module docstring for ``no_combine``)."""
+                            topk_ids: torch.Tensor, layer: MoELayer, no_combine: bool) -> None:
+        """Add the down delta in place (weighted unless ``apply_router_weight_on_input`` or
+        ``no_combine``, like the ``down`` buffer)."""
         self._check_call("act", act)
         if act.shape[-1] != self.intermediate_size or down.shape[-1] != self.hidden_size:
             raise MoEInputError(f"act/down: LoRA hooks expect act [.., {self.intermediate_size}] and down "
                                 f"[.., {self.hidden_size}], got {list(act.shape)} and {list(down.shape)}")
-        weighted = self.weight_down_delta and not layer.apply_router_weight_on_input
+        weighted = not (layer.apply_router_weight_on_input or no_combine)
         self._apply("down", act, down, topk_ids, topk_weights if weighted else None)

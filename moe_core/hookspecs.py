@@ -116,7 +116,7 @@ def moe_core_after_gate_up(x: torch.Tensor, gate_up: torch.Tensor, topk_weights:
 
 @hookspec
 def moe_core_after_down(act: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor, layer: MoELayer) -> None:
+                        topk_ids: torch.Tensor, layer: MoELayer, no_combine: bool) -> None:
     """Edit the gemm2 output in place, before the combine (step 8).
 
     Called only when at least one implementation is registered.
@@ -129,6 +129,8 @@ def moe_core_after_down(act: torch.Tensor, down: torch.Tensor, topk_weights: tor
     :param topk_weights: [M, k] fp32. Do not write it.
     :param topk_ids: [M, k] int32 local ids. Do not write it.
     :param layer: the frozen layer spec.
+    :param no_combine: whether this forward returns ``down`` uncombined (then ``down`` is
+        unweighted). Implementations may omit this parameter (pluggy passes only what they take).
     :returns: nothing; return values are ignored.
 
     A raising implementation aborts the forward with :class:`~moe_core.errors.HookError`

@@ -155,7 +155,7 @@ def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch
           mul_routed_weight=not (layer.apply_router_weight_on_input or no_combine), config=plan.down_config)
     if hooks.after_down is not None:
         hooks.after_down(act=act, down=down.view(M, k, H), topk_weights=topk_weights,
-                         topk_ids=ids, layer=layer)
+                         topk_ids=ids, layer=layer, no_combine=no_combine)
     if no_combine:
         return down.view(M, k, H)
 

@@ -186,7 +186,6 @@ def test_no_combine_with_unweighted_down_delta():
     _load(lora, "a", ad)
     idx = torch.zeros(M, dtype=torch.int32)
     lora.set_token_adapters(idx)
-    lora.weight_down_delta = False                       # documented switch for no_combine callers
     runner = MoERunner(layer, backend="torch")
     runner.register(lora)
     out = runner.run(x, ExpertWeights(w1, w2), tw, ti, no_combine=True)
@@ -288,7 +287,7 @@ def test_minus_one_rows_untouched():
     act.view(M, k, I)[ti >= 0] = torch.randn(int((ti >= 0).sum()), I)
     before = gate_up.clone()
     lora.moe_core_after_gate_up(x=x, gate_up=gate_up, topk_weights=tw, topk_ids=ti, layer=layer)
-    lora.moe_core_after_down(act=act, down=down, topk_weights=tw, topk_ids=ti, layer=layer)
+    lora.moe_core_after_down(act=act, down=down, topk_weights=tw, topk_ids=ti, layer=layer, no_combine=False)
     dead = ti < 0
     assert torch.equal(gate_up[dead], before[dead]) and not torch.equal(gate_up[~dead], before[~dead])
     assert torch.equal(down[dead], torch.zeros_like(down[dead])) and torch.isfinite(down).all()
@@ -470,7 +469,7 @@ def test_triton_kernels_interpreted(M, E, k, n_ad, r, gated, layout, dtype):
     down[ti < 0] = 0
     gu_ref, dn_ref = gate_up.clone(), down.clone()
     lora.moe_core_after_gate_up(x=x, gate_up=gate_up, topk_weights=tw, topk_ids=ti, layer=layer)
-    lora.moe_core_after_down(act=act, down=down, topk_weights=tw, topk_ids=ti, layer=layer)
+    lora.moe_core_after_down(act=act, down=down, topk_weights=tw, topk_ids=ti, layer=layer, no_combine=False)
     # float64 per-slot deltas
     for m, j in itertools.product(range(M), range(k)):
         e, a = int(ti[m, j]), int(idx[m])
