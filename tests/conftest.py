@@ -62,15 +62,9 @@ def _clear_memos() -> None:
 @pytest.fixture
 def nan_empty(monkeypatch: pytest.MonkeyPatch):
     """``torch.empty``/``empty_like`` return NaN-filled float tensors (unwritten rows show up)."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    from moe_core.testing.conformance import poison_empty
 
-    def poison(t: torch.Tensor) -> torch.Tensor:
-        if t.dtype.is_floating_point and t.dtype.itemsize >= 2:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    poison_empty(monkeypatch)
     yield
 
 

@@ -35,7 +35,7 @@ import torch
 from moe_core.testing.oracle import oracle_moe
 from moe_core.testing.tolerances import assert_close_normalized, assert_close_quant, tolerance_for
 
-__all__ = ["BackendConformanceTests", "QUANT_CASES"]
+__all__ = ["BackendConformanceTests", "QUANT_CASES", "poison_empty"]
 
 #: quantization cases: id -> (scheme, keyword arguments of ``quantize_layer``); ``block`` and
 #: ``group`` are replaced by the class's ``block_shape`` / ``group_size``
@@ -53,7 +53,7 @@ QUANT_CASES: dict[str, tuple[str, dict[str, Any]]] = {
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _poison_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+def poison_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch.empty``/``empty_like`` return NaN-filled float tensors: unwritten rows show up."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
@@ -251,7 +251,7 @@ class BackendConformanceTests:
         self._dtype_or_skip(moe_backend, _DTYPES[dtype])
         case = _Case(self, moe_backend, _DTYPES[dtype])
         self._supported_or_skip(moe_backend, case)
-        _poison_empty(monkeypatch)
+        poison_empty(monkeypatch)
         self._check(moe_backend, case, self._run(moe_backend, case), case.oracle())
 
     @pytest.mark.parametrize("activation", ["gelu", "swiglu_oai", "relu2"])
@@ -267,7 +267,7 @@ class BackendConformanceTests:
             kw["is_gated"] = False
         case = _Case(self, moe_backend, dtype, seed=1, **kw)
         self._supported_or_skip(moe_backend, case)
-        _poison_empty(monkeypatch)
+        poison_empty(monkeypatch)
         self._check(moe_backend, case, self._run(moe_backend, case), case.oracle(), activation=activation)
 
     @pytest.mark.parametrize("quant_case", list(QUANT_CASES))
@@ -283,7 +283,7 @@ class BackendConformanceTests:
         case = _Case(self, moe_backend, dtype, seed=2)
         case.quantize(scheme, **kw)
         self._supported_or_skip(moe_backend, case)
-        _poison_empty(monkeypatch)
+        poison_empty(monkeypatch)
         self._check(moe_backend, case, self._run(moe_backend, case), case.oracle(), quant_case=quant_case)
 
     # -- semantics -----------------------------------------------------------------------
@@ -295,7 +295,7 @@ class BackendConformanceTests:
         s = 2.5
         case = _Case(self, moe_backend, dtype, k=min(k, self.num_experts), seed=3, routed_scaling_factor=s)
         self._supported_or_skip(moe_backend, case)
-        _poison_empty(monkeypatch)
+        poison_empty(monkeypatch)
         out = self._run(moe_backend, case)
         ref = case.oracle()
         o, r = out.detach().double().cpu(), ref
@@ -312,7 +312,7 @@ class BackendConformanceTests:
         self._dtype_or_skip(moe_backend, dtype)
         case = _Case(self, moe_backend, dtype, k=min(3, self.num_experts), seed=4, minus_one=True)
         self._supported_or_skip(moe_backend, case)
-        _poison_empty(monkeypatch)
+        poison_empty(monkeypatch)
         out = self._run(moe_backend, case)
         assert bool((out[-1] == 0).all()), (
             f"a token whose every slot is -1 must give an exactly zero row, got "
@@ -325,7 +325,7 @@ class BackendConformanceTests:
         self._dtype_or_skip(moe_backend, dtype)
         case = _Case(self, moe_backend, dtype, seed=5, routed_scaling_factor=3.0)
         self._supported_or_skip(moe_backend, case)
-        _poison_empty(monkeypatch)
+        poison_empty(monkeypatch)
         out = self._run(moe_backend, case, no_combine=True)
         assert tuple(out.shape) == (case.x.shape[0], case.layer.top_k, case.layer.hidden_size), \
             f"no_combine must return [M, k, H], got {tuple(out.shape)}"
@@ -394,7 +394,7 @@ class BackendConformanceTests:
         runner = moe_core.MoERunner(case.layer, backend=moe_backend)
         runner.register(recorder, name="conformance-recorder")
         x, tw, ti = case.inputs()
-        _poison_empty(monkeypatch)
+        poison_empty(monkeypatch)
         out = runner.run(x, case.weights(), tw, ti)
         M, k = case.topk_ids.shape
         assert set(recorder.seen) >= {"gate_up", "down"}, "the hooks were not called"
