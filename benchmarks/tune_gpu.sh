@@ -9,7 +9,7 @@ start=$(date +%s)
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}
 mkdir -p "$out" .tune_out
-pip install --no-build-isolation --no-deps -q -e . >/dev/null 2>&1 || echo "pip install failed"
+python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . >"$out/pip.log" 2>&1 || { echo "pip install failed"; tail -5 "$out/pip.log"; }
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 block=()
 case $dtype in *:*) block=(--block-shape "${dtype#*:}"); dtype=${dtype%%:*};; esac
@@ -18,7 +18,7 @@ for model in "$@"; do
   left=$(( deadline - now ))
   if [ "$left" -lt 30 ]; then echo "SKIP $model: ${now}s used"; continue; fi
   echo "== $model $dtype ${block[*]} (t=${now}s, ${left}s left)"
-  timeout "$left" moe-core tune --model "$model" --dtype "$dtype" "${block[@]}" --fast --out .tune_out \
+  timeout "$left" python3 -m moe_core tune --model "$model" --dtype "$dtype" "${block[@]}" --fast --out .tune_out \
       2>&1 | grep -v $'\r' | tee -a "$out/tune.log" | grep -E "^(up |down |gemm|device|==|Traceback)|Error|precompiled|WARNING" 
   echo "== $model rc=${PIPESTATUS[0]} t=$(( $(date +%s) - start ))s"
 done
