@@ -5,8 +5,9 @@ Per (preset shape, M), bf16 (or fp8 block [128, 128] against our own bf16 path):
 
 - ceilings: device-to-device copy bandwidth (bytes read + written) and dense ``torch.mm`` at
   8192³ after a warm-up;
-- times: median of CUDA-graph replays with L2 flushed between replays, for our backend,
-  a ``torch._grouped_mm`` MoE (sort by expert, two grouped GEMMs, activation, weighted
+- times: median of CUDA-graph replays with L2 flushed between replays, for our backend
+  (and, with ``compare_default``, the same backend without its shipped tuned tables), a
+  ``torch._grouped_mm`` MoE (sort by expert, two grouped GEMMs, activation, weighted
   unsort) and the naive per-expert loop (eager, not capturable: data-dependent sizes);
   each implementation is first checked against the torch backend in fp32;
 - roofline: bytes = weights of the experts actually hit + activations in and out,
@@ -26,12 +27,14 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "roofline", "run_bench"]
+__all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "roofline", "run_bench",
+           "untuned"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-20b")
 DEFAULT_TOKENS = (1, 8, 64, 256, 1024, 4096, 16384)
+IMPLS = ("ours", "ours_default", "ours_bf16", "grouped_mm", "naive")   # column order of tables and plots
 REGIMES = {"decode": (1, 8, 64), "middle": (256, 1024), "prefill": (4096, 16384)}
 
 
@@ -134,6 +137,13 @@ def naive_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     return (out * layer.scaling).to(x.dtype)
 
 
+def untuned(backend: Any) -> Any:
+    """A fresh instance of ``backend``'s class that searches no shipped tables: every config
+    comes from ``$MOE_CORE_CONFIG_DIR`` or the backend's default heuristics (tuned vs default)."""
+    cls = type(backend)
+    return type(f"Untuned{cls.__name__}", (cls,), {"config_dirs": lambda self: []})()
+
+
 def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float, act_bytes: int,
              ceilings: dict[str, float]) -> float:
     """Lower bound in seconds of one forward (see the module docstring)."""
@@ -146,8 +156,13 @@ def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float,
 
 def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] = DEFAULT_TOKENS, *,
               dtype: str = "bfloat16", out_dir: Path = Path("bench_out"), backend: str = "cuda",
-              peers: tuple[str, ...] = ("grouped_mm", "naive"), seed: int = 0) -> dict[str, Any]:
-    """Run the side-by-side benchmark; returns (and writes) the results."""
+              peers: tuple[str, ...] = ("grouped_mm", "naive"), seed: int = 0,
+              compare_default: bool = False) -> dict[str, Any]:
+    """Run the side-by-side benchmark; returns (and writes) the results.
+
+    :param compare_default: also time ``ours_default``, our backend without its shipped
+        tuned tables, to show what the tables buy.
+    """
     import moe_core
     from moe_core.presets import PRESETS
     from moe_core.testing import normalized_errors
@@ -178,6 +193,7 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
             weights = moe_core.ExpertWeights(q1, q2, quant=moe_core.QuantSpec.fp8_w8a8(s1, s2, block_shape=(128, 128)))
         runner = moe_core.MoERunner(layer, backend=backend)
         bf16_runner = moe_core.MoERunner(layer, backend=backend)
+        default_runner = moe_core.MoERunner(layer, backend=untuned(runner.backend_for(weights.quant)))
         bf16_weights = moe_core.ExpertWeights(w1, w2)
         for M in tokens:
             x = torch.randn(M, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
@@ -188,6 +204,8 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
                                          backend="torch") if M <= 1024 else None
             impls: dict[str, Callable[[], torch.Tensor]] = {
                 "ours": lambda: runner.run(x, weights, tw, ti)}
+            if compare_default:
+                impls["ours_default"] = lambda: default_runner.run(x, weights, tw, ti)
             if dtype == "fp8":
                 impls["ours_bf16"] = lambda: bf16_runner.run(x, bf16_weights, tw, ti)
             if "grouped_mm" in peers and dtype != "fp8":
@@ -233,7 +251,7 @@ def summarize(result: dict[str, Any], impl: str = "ours") -> dict[str, float]:
 def markdown_table(result: dict[str, Any]) -> str:
     """The results as a Markdown table (time, % of roofline, ratio to the peer)."""
     info = result["info"]
-    impls = [k for k in ("ours", "ours_bf16", "grouped_mm", "naive") if any(k in r for r in result["rows"])]
+    impls = [k for k in IMPLS if any(k in r for r in result["rows"])]
     peer = "grouped_mm" if "grouped_mm" in impls else "ours_bf16" if "ours_bf16" in impls else None
     lines = [f"device {info['device']}, torch {info['torch']}, triton {info['triton']}, dtype {info['dtype']}; "
              f"copy {info['copy_bytes_per_s'] / 1e9:.0f} GB/s, mm {info['mm_flops_per_s'] / 1e12:.0f} TFLOP/s", "",
@@ -269,7 +287,7 @@ def _plot(result: dict[str, Any], out_dir: Path) -> None:
     for model in sorted({r["model"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["model"] == model]
         fig, ax = plt.subplots(figsize=(6, 4))
-        for impl in ("ours", "ours_bf16", "grouped_mm", "naive"):
+        for impl in IMPLS:
             pts = [(r["M"], r[impl]["pct_roofline"]) for r in rows if "pct_roofline" in r.get(impl, {})]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)

@@ -137,7 +137,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     result = bench.run_bench(tuple(args.models.split(",")), tuple(int(t) for t in args.tokens.split(",")),
-                             dtype=args.dtype, out_dir=Path(args.out), backend=args.backend)
+                             dtype=args.dtype, out_dir=Path(args.out), backend=args.backend,
+                             compare_default=args.compare_default)
     print(bench.markdown_table(result))
     return 0
 
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16, or fp8 block [128,128] w8a8 against our own bf16 path")
     p.add_argument("--backend", default="cuda", help="our backend to time (default cuda)")
     p.add_argument("--out", default="bench_out", help="folder for JSON, Markdown and PNG results")
+    p.add_argument("--compare-default", action="store_true",
+                   help="also time our backend without its shipped tuned tables (column ours_default)")
     p.set_defaults(func=_cmd_bench)
 
     try:

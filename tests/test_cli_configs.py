@@ -74,3 +74,24 @@ def test_bad_arguments_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2
+
+
+def test_bench_untuned_backend_skips_shipped_tables() -> None:
+    """``bench --compare-default`` times ``untuned(cuda)``: same device, no shipped tables."""
+    import torch
+
+    from moe_core import bench, config
+    from moe_core.backends.cuda import CudaBackend
+    from moe_core.spec import QuantSpec
+
+    def resolve(backend: object) -> config.Resolved:
+        return config.resolve_configs(backend, M=64, E=128, I=768, H=2048, top_k=8, act_dtype=torch.bfloat16,
+                                      quant=QuantSpec.none(), has_hooks=False, device_name=H100)
+
+    tuned = resolve(CudaBackend())
+    assert tuned.why["gemm1"]["source"] == tuned.why["gemm2"]["source"] == "file"
+    plain = bench.untuned(CudaBackend())
+    assert isinstance(plain, CudaBackend) and plain.config_dirs() == [] and plain.name == "cuda"
+    default = resolve(plain)
+    assert default.why["gemm1"]["source"] == default.why["gemm2"]["source"] == "default"
+    assert default.config == plain.default_config(64, 128, 2 * 768, 2048, 8, None, None)

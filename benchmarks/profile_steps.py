@@ -1,0 +1,95 @@
+"""Where one forward's time goes, per kernel, on one CUDA GPU (evidence for issue 5's levers).
+
+For each preset and M: the CUDA-graph replay time (as ``moe-core bench`` measures it), the
+eager wall time per forward (launched back to back, so host cost shows), and the GPU time
+of every kernel of one eager forward from ``torch.profiler``::
+
+    python benchmarks/profile_steps.py --models qwen3-30b-a3b --tokens 1,64,4096 --out prof.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import time
+
+import torch
+
+logger = logging.getLogger("profile_steps")
+
+
+def kernel_times(fn, reps: int = 5) -> dict[str, float]:
+    """Mean GPU microseconds per forward of every kernel ``fn`` launches (by kernel name)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = collections.defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            totals[event.key[:60]] += event.device_time_total / reps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def eager_wall(fn, reps: int = 50) -> float:
+    """Seconds per forward, ``reps`` forwards launched back to back, one sync at the end."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def main() -> None:
+    import moe_core
+    from moe_core.bench import time_graph
+    from moe_core.presets import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b")
+    p.add_argument("--tokens", default="1,64,4096")
+    p.add_argument("--backend", default="cuda")
+    p.add_argument("--out", default=None, help="also write the Markdown here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {__import__('triton').__version__}", ""]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model in args.models.split(","):
+        preset = PRESETS[model]
+        layer = preset.layer()
+        E, H, I, N = layer.num_local_experts, layer.hidden_size, layer.intermediate_size, layer.gate_up_rows
+        w1 = torch.randn(E, N, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
+        w2 = torch.randn(E, H, I, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
+        weights = moe_core.ExpertWeights(w1, w2)
+        runner = moe_core.MoERunner(layer, backend=args.backend)
+        for M in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(M, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
+            logits = torch.randn(M, E, device="cuda", generator=gen)
+            tw, ti = moe_core.select_experts(logits, layer.top_k, renormalize=preset.renormalize)
+            fn = lambda: runner.run(x, weights, tw, ti)  # noqa: E731
+            graph, eager = time_graph(fn), eager_wall(fn)
+            kernels = kernel_times(fn)
+            lines += [f"### {model} M={M}: graph {graph * 1e6:.1f} µs, eager {eager * 1e6:.1f} µs "
+                      f"(eager/graph {eager / graph:.2f}), kernels sum {sum(kernels.values()):.1f} µs", "",
+                      "| kernel | µs per forward |", "|---|---|"]
+            lines += [f"| `{name}` | {us:.1f} |" for name, us in kernels.items()]
+            lines.append("")
+            logger.info("%s", "\n".join(lines[-len(kernels) - 5:]))
+        del w1, w2, weights
+        torch.cuda.empty_cache()
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
