@@ -18,6 +18,8 @@ Step contract (shapes per SEMANTICS §1; ``slot = m·k + j``)::
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
@@ -28,11 +30,19 @@ if TYPE_CHECKING:
 
     from moe_core.spec import MoELayer, QuantSpec
 
-__all__ = ["Backend", "BASE_CONFIG_KEYS", "PLUGIN_API_VERSION"]
+__all__ = ["Backend", "BASE_CONFIG_KEYS", "PLUGIN_API_VERSION", "package_config_dirs"]
 
 #: Version of the plugin contract (this class and the hookspecs). A plugin declares the
 #: version it was written for; a mismatch is a :class:`PluginRegistrationError`.
 PLUGIN_API_VERSION = 1
+
+@functools.lru_cache(maxsize=None)
+def package_config_dirs(package: str) -> tuple[Traversable, ...]:
+    """The ``configs/`` folder shipped inside ``package`` (a backend's own tuned tables), or
+    nothing. Cached: a backend's :meth:`Backend.config_dirs` is asked on every forward."""
+    root = resources.files(package) / "configs"
+    return (root,) if root.is_dir() else ()
+
 
 #: Launch keys every Triton-style backend takes (SEMANTICS §5.1).
 BASE_CONFIG_KEYS = frozenset({"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M",

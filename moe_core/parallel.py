@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from moe_core.errors import MoEInputError, MoETypeError
 from moe_core.runner import MoERunner
-from moe_core.spec import ExpertWeights, MoELayer, QuantSpec
+from moe_core.spec import ExpertWeights, MoELayer
 
 __all__ = ["MODES", "ExpertParallelRunner", "ep_layer", "local_expert_ids", "shard_weights"]
 

@@ -18,9 +18,8 @@ custom ops) calls these two functions; there is no second copy.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -62,20 +61,34 @@ def prepare(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
                 down_config=resolved.down_config, hooks=hooks, why=resolved.why)
 
 
-@contextlib.contextmanager
-def _step(plan: Plan, step: str) -> Iterator[None]:
-    """Label one step for the profiler and turn a backend failure into BackendExecutionError."""
-    with torch.profiler.record_function(f"moe_core::{step}"):
-        try:
-            yield
-        except MoECoreError:
-            raise
-        except Exception as exc:
-            from moe_core.plugins import distribution_of
+class _step:
+    """Label one step for the profiler and turn a backend failure into BackendExecutionError.
 
-            raise BackendExecutionError(
-                f"backend {plan.backend.name!r} (distribution {distribution_of(plan.backend)}) "
-                f"failed in step {step!r}: {type(exc).__name__}: {exc}") from exc
+    A class, not a generator context manager, and the ``record_function`` label only while a
+    profiler runs: the eager forward enters six of these, and both costs showed up in its
+    host time (``benchmarks/host_overhead.py``).
+    """
+
+    __slots__ = ("plan", "step", "label")
+
+    def __init__(self, plan: Plan, step: str) -> None:
+        self.plan, self.step, self.label = plan, step, None
+
+    def __enter__(self) -> None:
+        if torch.autograd.profiler._is_profiler_enabled:
+            self.label = torch.profiler.record_function(f"moe_core::{self.step}")
+            self.label.__enter__()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if self.label is not None:
+            self.label.__exit__(exc_type, exc, tb)
+        if exc is None or isinstance(exc, MoECoreError) or not isinstance(exc, Exception):
+            return False
+        from moe_core.plugins import distribution_of
+
+        raise BackendExecutionError(
+            f"backend {self.plan.backend.name!r} (distribution {distribution_of(self.plan.backend)}) "
+            f"failed in step {self.step!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def _map_ids(plan: Plan, topk_ids: torch.Tensor, n_valid: int | torch.Tensor | None) -> torch.Tensor:

@@ -7,11 +7,11 @@ are imported when a step first runs.
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
 
 import torch
 
+from moe_core.backend import package_config_dirs
 from moe_core.kernels.backend import TritonBackend
 
 __all__ = ["CudaBackend"]
@@ -46,5 +46,4 @@ class CudaBackend(TritonBackend):
 
     def config_dirs(self) -> list[Any]:
         """The shipped tables, ``configs/triton_X_Y_Z/`` inside this package."""
-        root = resources.files("moe_core.backends.cuda") / "configs"
-        return [root] if root.is_dir() else []
+        return list(package_config_dirs("moe_core.backends.cuda"))

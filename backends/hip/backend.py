@@ -23,13 +23,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 import torch
 
-from moe_core.backend import BASE_CONFIG_KEYS, Backend
+from moe_core.backend import BASE_CONFIG_KEYS, Backend, package_config_dirs
 from moe_core.kernels.backend import TritonBackend, interpreting
 
 if TYPE_CHECKING:
@@ -174,8 +173,7 @@ class HipBackend(TritonBackend):
         return (arch,) if arch and arch != self.device_name() else ()
 
     def config_dirs(self) -> list[Any]:
-        root = resources.files("moe_core.backends.hip") / "configs"
-        return [root] if root.is_dir() else []
+        return list(package_config_dirs("moe_core.backends.hip"))
 
     def has_tma(self) -> bool:
         return False

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from importlib import resources
 from typing import Any, Callable
 
 import torch
 
-from moe_core.backend import BASE_CONFIG_KEYS, Backend
+from moe_core.backend import BASE_CONFIG_KEYS, Backend, package_config_dirs
 from moe_core.kernels.backend import TritonBackend, interpreting
 
 __all__ = ["XpuBackend", "XpuPlatform", "probe", "INTEL_CONFIG_KEYS", "LARGE_GRF_TILE"]
@@ -107,8 +106,7 @@ class XpuBackend(TritonBackend):
         return self.platform_info.device_name.replace(" ", "_")
 
     def config_dirs(self) -> list[Any]:
-        root = resources.files("moe_core.backends.xpu") / "configs"
-        return [root] if root.is_dir() else []
+        return list(package_config_dirs("moe_core.backends.xpu"))
 
     def has_tma(self) -> bool:
         return False

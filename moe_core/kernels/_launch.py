@@ -1,4 +1,4 @@
-"""Small launch helpers shared by the elementwise kernel wrappers (align, act, sum, quantize)."""
+"""Small launch helpers shared by the kernel wrappers (gemm, align, act, sum, quantize, LoRA)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,20 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "needs_fp32_store"]
+__all__ = ["cdiv", "interpreting", "needs_fp32_store", "next_power_of_2"]
+
+
+# Host-side grid arithmetic in plain Python: Triton 3.6 made ``triton.cdiv`` and
+# ``triton.next_power_of_2`` constexpr functions whose host call costs microseconds each,
+# and a forward computes about twenty of them.
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints (what ``triton.cdiv`` computes)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (0 for 0, as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def interpreting(t: torch.Tensor) -> bool:

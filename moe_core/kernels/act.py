@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import triton
 
 from moe_core.errors import MoEInputError, MoETypeError
 from moe_core.kernels._act import _act_kernel
-from moe_core.kernels._launch import needs_fp32_store
+from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2
 from moe_core.spec import ACTIVATIONS, GATE_UP_LAYOUTS
 
 __all__ = ["activation"]
@@ -91,9 +90,9 @@ def activation(gate_up: torch.Tensor, out: torch.Tensor, *, activation: str, is_
         if not ids.is_contiguous():
             ids = ids.contiguous()
     target = torch.empty(out.shape, dtype=torch.float32, device=out.device) if needs_fp32_store(out) else out
-    block_n = min(triton.next_power_of_2(width), 1024)
-    block_s = max(1, min(triton.next_power_of_2(S), 4096 // block_n))
-    grid = (triton.cdiv(S, block_s), triton.cdiv(width, block_n))
+    block_n = min(next_power_of_2(width), 1024)
+    block_s = max(1, min(next_power_of_2(S), 4096 // block_n))
+    grid = (cdiv(S, block_s), cdiv(width, block_n))
     _act_kernel[grid](
         gate_up, target, ids if ids is not None else gate_up, S, width, gate_up.stride(0), target.stride(0),
         gate_up.shape[1] // 2, float(alpha if alpha is not None else 1.0), float(limit if limit is not None else 0.0),

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import triton
 
 from moe_core.align import _check, padded_capacity
 from moe_core.kernels._align import _align_count_kernel, _align_scan_kernel, _align_scatter_kernel
+from moe_core.kernels._launch import cdiv, next_power_of_2
 
 __all__ = ["moe_align_block_size_triton", "SCATTER_INLINE_MAX"]
 
@@ -36,8 +36,8 @@ def _chunking(numel: int, e1_pad: int) -> tuple[int, int]:
     """(slots per chunk, chunks): chunks of ``_BLOCK_T`` slots (one step each) while there are
     few, grown in powers of two so the table stays within ``_TABLE_BUDGET`` entries."""
     max_chunks = min(256, max(8, _TABLE_BUDGET // e1_pad))
-    chunk = max(_BLOCK_T, triton.next_power_of_2(triton.cdiv(numel, max_chunks)))
-    return chunk, triton.cdiv(numel, chunk)
+    chunk = max(_BLOCK_T, next_power_of_2(cdiv(numel, max_chunks)))
+    return chunk, cdiv(numel, chunk)
 
 
 def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
@@ -58,7 +58,7 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
         ids = ids.contiguous()
     numel = ids.numel()
     P = padded_capacity(numel, block_m, num_experts)
-    num_blocks = triton.cdiv(P, block_m)
+    num_blocks = cdiv(P, block_m)
     sorted_ids = torch.empty((P,), dtype=torch.int32, device=device)
     expert_ids = torch.empty((num_blocks,), dtype=torch.int32, device=device)
     n_post = torch.empty((1,), dtype=torch.int32, device=device)
@@ -66,9 +66,9 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
         expert_ids.fill_(-1)
         n_post.zero_()
         return sorted_ids, expert_ids, n_post
-    e1_pad = max(16, triton.next_power_of_2(num_experts + 2))   # buckets 0..E plus an unused bin
+    e1_pad = max(16, next_power_of_2(num_experts + 2))   # buckets 0..E plus an unused bin
     chunk, num_chunks = _chunking(numel, e1_pad)
-    g_pad = triton.next_power_of_2(num_chunks)
+    g_pad = next_power_of_2(num_chunks)
     bt = max(16, min(e1_pad, 8192 // g_pad))
     rank = torch.empty((numel,), dtype=torch.int32, device=device)
     table = torch.empty((num_chunks, e1_pad), dtype=torch.int32, device=device)
@@ -82,7 +82,7 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
         num_blocks, chunk, E1_PAD=e1_pad, G_PAD=g_pad, BT=bt, BLOCK_S=_BLOCK_S, BLOCK_B=1024, SCATTER=inline,
         num_warps=scan_warps)
     if not inline:
-        _align_scatter_kernel[(triton.cdiv(numel, _BLOCK_S),)](
+        _align_scatter_kernel[(cdiv(numel, _BLOCK_S),)](
             ids, rank, table, sorted_ids, numel, num_experts, chunk, E1_PAD=e1_pad, BLOCK_S=_BLOCK_S,
             num_warps=4)
     return sorted_ids, expert_ids, n_post

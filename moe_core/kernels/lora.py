@@ -10,10 +10,10 @@ The math is in :mod:`moe_core.kernels._lora`; the torch definition is
 from __future__ import annotations
 
 import torch
-import triton
 
 from moe_core.align import moe_align_block_size
 from moe_core.errors import MoEInputError, MoETypeError
+from moe_core.kernels._launch import cdiv, next_power_of_2
 from moe_core.kernels._lora import _lora_expand_kernel, _lora_shrink_kernel
 
 __all__ = ["lora_delta", "BLOCK_M"]
@@ -58,8 +58,8 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor, 
     t = torch.empty((S, slices, R), dtype=torch.float32, device=out2d.device)
     num_blocks = block_keys.shape[0]
     interp = _is_interpreter(out2d)
-    block_r = max(16, min(64, triton.next_power_of_2(R)))
-    _lora_shrink_kernel[(num_blocks, slices, triton.cdiv(R, block_r))](
+    block_r = max(16, min(64, next_power_of_2(R)))
+    _lora_shrink_kernel[(num_blocks, slices, cdiv(R, block_r))](
         inp, lora_a, t, ranks, sorted_ids, block_keys, n_post,
         K, S, E, sorted_ids.shape[0], row_div,
         inp.stride(0), inp.stride(1),
@@ -68,7 +68,7 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor, 
         UPCAST=interp, IEEE=interp or inp.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=64, num_warps=4)
     w = topk_weights if topk_weights is not None else t
-    _lora_expand_kernel[(num_blocks, slices, triton.cdiv(n_slice, 64))](
+    _lora_expand_kernel[(num_blocks, slices, cdiv(n_slice, 64))](
         t, lora_b, out2d, ranks, scaling, w, sorted_ids, block_keys, n_post,
         n_slice, S, E, sorted_ids.shape[0], k,
         t.stride(0), t.stride(1), t.stride(2),

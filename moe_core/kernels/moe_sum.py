@@ -12,10 +12,9 @@ import sys
 import types
 
 import torch
-import triton
 
 from moe_core.errors import MoEInputError, MoETypeError
-from moe_core.kernels._launch import needs_fp32_store
+from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2
 from moe_core.kernels._sum import _moe_sum_kernel
 
 __all__ = ["moe_sum"]
@@ -52,9 +51,9 @@ def moe_sum(down: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.
     if M == 0 or H == 0:
         return out
     target = torch.empty(out.shape, dtype=torch.float32, device=out.device) if needs_fp32_store(out) else out
-    block_h = min(triton.next_power_of_2(H), 1024)
-    block_m = max(1, min(triton.next_power_of_2(M), 2048 // block_h))
-    grid = (triton.cdiv(M, block_m), triton.cdiv(H, block_h))
+    block_h = min(next_power_of_2(H), 1024)
+    block_m = max(1, min(next_power_of_2(M), 2048 // block_h))
+    grid = (cdiv(M, block_m), cdiv(H, block_h))
     _moe_sum_kernel[grid](down, target, M, H, k, float(scale), down.stride(0), down.stride(1), target.stride(0),
                           BLOCK_M=block_m, BLOCK_H=block_h, num_warps=4)
     if target is not out:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import triton
 
 from moe_core.errors import MoEInputError, MoETypeError
-from moe_core.kernels._launch import needs_fp32_store
+from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2
 from moe_core.kernels._quantize import _amax_partial_kernel, _quant_group_kernel, _quant_kernel
 from moe_core.quant import EPS, qmax_of
 
@@ -91,10 +90,10 @@ def quantize_activation(a: torch.Tensor, *, qdtype: torch.dtype, per_channel: bo
         return finish(), scale.contiguous()
     if group_k is not None or per_channel:
         gk = group_k if group_k is not None else K
-        n_groups = triton.cdiv(K, gk) if gk else 0
+        n_groups = cdiv(K, gk) if gk else 0
         scale = torch.empty((rows, n_groups if group_k is not None else 1), dtype=torch.float32, device=device)
         if rows and K:
-            block = min(triton.next_power_of_2(gk), 2048)
+            block = min(next_power_of_2(gk), 2048)
             _quant_group_kernel[(rows, n_groups)](
                 a, target, scale, rows, K, gk, a.stride(0), target.stride(0), scale.stride(0),
                 qmax, EPS, IS_INT8=is_int8, BLOCK=block, num_warps=4)
@@ -103,9 +102,9 @@ def quantize_activation(a: torch.Tensor, *, qdtype: torch.dtype, per_channel: bo
     if rows == 0 or K == 0:
         return finish(), torch.full((1,), EPS, dtype=torch.float32, device=device) / qmax
     scale = torch.empty((1,), dtype=torch.float32, device=device)
-    block_k = min(triton.next_power_of_2(K), 1024)
-    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // block_k))
-    n_partial = min(triton.cdiv(rows, block_r), _MAX_PARTIALS)
+    block_k = min(next_power_of_2(K), 1024)
+    block_r = max(1, min(next_power_of_2(rows), 4096 // block_k))
+    n_partial = min(cdiv(rows, block_r), _MAX_PARTIALS)
     partial = torch.empty((n_partial,), dtype=torch.float32, device=device)
     _amax_partial_kernel[(n_partial,)](a, partial, rows, K, a.stride(0), n_partial,
                                        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
@@ -116,9 +115,9 @@ def quantize_activation(a: torch.Tensor, *, qdtype: torch.dtype, per_channel: bo
 def _launch_scaled(a: torch.Tensor, target: torch.Tensor, scale_in: torch.Tensor, scale_out: torch.Tensor,
                    partial: torch.Tensor, n_partial: int, *, mode: int, qmax: float, is_int8: bool) -> None:
     rows, K = a.shape
-    block_k = min(triton.next_power_of_2(K), 1024)
-    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // block_k))
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(K, block_k))
+    block_k = min(next_power_of_2(K), 1024)
+    block_r = max(1, min(next_power_of_2(rows), 4096 // block_k))
+    grid = (cdiv(rows, block_r), cdiv(K, block_k))
     _quant_kernel[grid](a, target, scale_in, scale_out, partial, n_partial, rows, K, a.stride(0),
                         target.stride(0), qmax, EPS, MODE=mode, IS_INT8=is_int8, BLOCK_R=block_r,
-                        BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(max(n_partial, 1)), num_warps=4)
+                        BLOCK_K=block_k, BLOCK_P=next_power_of_2(max(n_partial, 1)), num_warps=4)
