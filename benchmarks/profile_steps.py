@@ -47,7 +47,7 @@ def eager_wall(fn, reps: int = 50) -> float:
 
 def main() -> None:
     import moe_core
-    from moe_core.bench import time_graph
+    from moe_core.bench import random_weights, time_graph
     from moe_core.presets import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,9 +64,8 @@ def main() -> None:
     for model in args.models.split(","):
         preset = PRESETS[model]
         layer = preset.layer()
-        E, H, I, N = layer.num_local_experts, layer.hidden_size, layer.intermediate_size, layer.gate_up_rows
-        w1 = torch.randn(E, N, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
-        w2 = torch.randn(E, H, I, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
+        E, H = layer.num_local_experts, layer.hidden_size
+        w1, w2 = random_weights(layer, gen)
         weights = moe_core.ExpertWeights(w1, w2)
         runner = moe_core.MoERunner(layer, backend=args.backend)
         for M in (int(t) for t in args.tokens.split(",")):

@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "roofline", "run_bench",
-           "untuned"]
+__all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "random_weights", "roofline",
+           "run_bench", "untuned"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,14 @@ def naive_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     return (out * layer.scaling).to(x.dtype)
 
 
+def random_weights(layer: Any, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 ``w1`` [E, N, H] and ``w2`` [E, H, I] of ``layer`` on the GPU, std 0.1."""
+    E, H, I, N = layer.num_local_experts, layer.hidden_size, layer.intermediate_size, layer.gate_up_rows
+    w1 = torch.randn(E, N, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
+    w2 = torch.randn(E, H, I, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
+    return w1, w2
+
+
 def untuned(backend: Any) -> Any:
     """A fresh instance of ``backend``'s class that searches no shipped tables: every config
     comes from ``$MOE_CORE_CONFIG_DIR`` or the backend's default heuristics (tuned vs default)."""
@@ -180,9 +188,8 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
     for model in models:
         preset = PRESETS[model]
         layer = preset.layer()
-        E, H, I, N = layer.num_local_experts, layer.hidden_size, layer.intermediate_size, layer.gate_up_rows
-        w1 = torch.randn(E, N, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
-        w2 = torch.randn(E, H, I, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
+        E, H = layer.num_local_experts, layer.hidden_size
+        w1, w2 = random_weights(layer, gen)
         weights = moe_core.ExpertWeights(w1, w2)
         wbytes = 1.0 if dtype == "fp8" else 2.0
         if dtype == "fp8":
