@@ -36,6 +36,7 @@ __all__ = ["Backend", "BASE_CONFIG_KEYS", "PLUGIN_API_VERSION", "package_config_
 #: version it was written for; a mismatch is a :class:`PluginRegistrationError`.
 PLUGIN_API_VERSION = 1
 
+
 @functools.lru_cache(maxsize=None)
 def package_config_dirs(package: str) -> tuple[Traversable, ...]:
     """The ``configs/`` folder shipped inside ``package`` (a backend's own tuned tables), or

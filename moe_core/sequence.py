@@ -75,7 +75,7 @@ class _step:
         self.plan, self.step, self.label = plan, step, None
 
     def __enter__(self) -> None:
-        if torch.autograd.profiler._is_profiler_enabled:
+        if torch._C._autograd._profiler_enabled():   # any profiler: kineto, NVTX, ITT
             self.label = torch.profiler.record_function(f"moe_core::{self.step}")
             self.label.__enter__()
 
