@@ -86,7 +86,8 @@ class _Recorder:
 _LAUNCHES: list = []      # one list: the recorders stay in place across forwards
 
 
-def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, fp8: bool = False) -> list:
+def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, fp8: bool = False,
+                   fuse: bool = False) -> list:
     """The kernel launches of one forward of ``model`` at ``M`` tokens, as a CUDA run makes them."""
     import importlib
     import pkgutil
@@ -115,6 +116,8 @@ def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, 
 
     class Hopper(CudaBackend):
         """The cuda backend's configs and device facts as on an H100, on CPU tensors."""
+
+        fuse_activation = fuse
 
         def is_available(self) -> tuple[bool, str]:
             return True, ""
@@ -156,6 +159,7 @@ def main() -> None:
     p.add_argument("--tokens", default="1,64,4096")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--fp8", action="store_true", help="fp8 w8a8 block [128,128] weights")
+    p.add_argument("--fuse", action="store_true", help="the activation fused into gemm1 (fuse_activation)")
     p.add_argument("--capability", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     p.add_argument("--config", default=None, help="JSON config for both GEMMs instead of the tuned tables")
     args = p.parse_args()
@@ -163,8 +167,9 @@ def main() -> None:
     print(f"{'M':>6} {'kernel':<24} {'config':<44} {'regs':>4} {'spill':>5} {'smem':>6} async wgmma")
     seen: dict = {}
     for M in (int(t) for t in args.tokens.split(",")):
-        for name, kernel, largs, lkwargs in record_forward(args.model, M, getattr(torch, args.dtype), config, args.fp8):
-            meta = {k: v for k, v in lkwargs.items() if k.isupper() and k.startswith(("BLOCK", "GROUP"))}
+        for name, kernel, largs, lkwargs in record_forward(args.model, M, getattr(torch, args.dtype), config, args.fp8,
+                                                           args.fuse):
+            meta = {k: v for k, v in lkwargs.items() if k.isupper() and k.startswith(("BLOCK", "GROUP", "FUSE"))}
             meta.update({k: lkwargs[k] for k in ("num_warps", "num_stages") if k in lkwargs})
             key = (name, json.dumps(meta, sort_keys=True))
             if key not in seen:

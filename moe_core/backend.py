@@ -11,7 +11,8 @@ Step contract (shapes per SEMANTICS §1; ``slot = m·k + j``)::
     align(topk_ids [M, k] int32, block_m, E)   -> sorted_token_ids [P], expert_ids [cdiv(P, block_m)],
                                                   num_tokens_post_padded [1]            (SEMANTICS §6)
     quantize_activation(a [rows, K], quant, scale, gemm) -> a_q [rows, K], a_scale       (w8a8 only)
-    gemm(a, w, out [S, N_out], ...)             -> out  (grouped GEMM of SEMANTICS §3)
+    gemm(a, w, out [S, N_out], ...)             -> out  (grouped GEMM of SEMANTICS §3; with
+                                                  activation=layer when fuses_activation: out = act)
     activation(gate_up [S, N], out [S, N'], layer, topk_ids) -> out                    (SEMANTICS §4.3)
     combine(down [M, k, H], out [M, H], scale)  -> out                                  (SEMANTICS §9)
 """
@@ -117,6 +118,16 @@ class Backend:
     def shared_memory_limit(self) -> int | None:
         """Opt-in shared memory per block in bytes, or None when unknown / irrelevant."""
         return None
+
+    def fuses_activation(self, layer: MoELayer, quant: QuantSpec) -> bool:
+        """Whether gemm1 applies the activation itself (step 6 inside step 4).
+
+        Asked only when no ``moe_core_after_gate_up`` hook is registered (a hook must see
+        ``gate_up``). When True, the sequence calls ``gemm(..., activation=layer)`` with
+        ``w = w1`` and ``out = act`` ([M·k, N/2] gated, [M·k, N] otherwise) and skips
+        :meth:`activation`; a backend answering True must accept that keyword.
+        """
+        return False
 
     # -- steps of the forward pass -----------------------------------------------------
     def align(self, topk_ids: torch.Tensor, block_m: int,

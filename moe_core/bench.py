@@ -6,7 +6,8 @@ Per (preset shape, M), bf16 (or fp8 block [128, 128] against our own bf16 path):
 - ceilings: device-to-device copy bandwidth (bytes read + written) and dense ``torch.mm`` at
   8192³ after a warm-up;
 - times: median of CUDA-graph replays with L2 flushed between replays, for our backend
-  (and, with ``compare_default``, the same backend without its shipped tuned tables), a
+  (and, with ``compare_default``, the same backend without its shipped tuned tables; with
+  ``compare_fused``, with the activation fused into gemm1), a
   ``torch._grouped_mm`` MoE (sort by expert, two grouped GEMMs, activation, weighted
   unsort) and the naive per-expert loop (eager, not capturable: data-dependent sizes);
   each implementation is first checked against the torch backend in fp32;
@@ -28,13 +29,13 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "random_weights", "roofline",
-           "run_bench", "untuned"]
+           "run_bench", "untuned", "with_fused_activation"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-20b")
 DEFAULT_TOKENS = (1, 8, 64, 256, 1024, 4096, 16384)
-IMPLS = ("ours", "ours_default", "ours_bf16", "grouped_mm", "naive")   # column order of tables and plots
+IMPLS = ("ours", "ours_fused", "ours_default", "ours_bf16", "grouped_mm", "naive")   # column order of tables and plots
 REGIMES = {"decode": (1, 8, 64), "middle": (256, 1024), "prefill": (4096, 16384)}
 
 
@@ -152,6 +153,13 @@ def untuned(backend: Any) -> Any:
     return type(f"Untuned{cls.__name__}", (cls,), {"config_dirs": lambda self: []})()
 
 
+def with_fused_activation(backend: Any) -> Any:
+    """A fresh instance of ``backend``'s class with ``fuse_activation`` on (gemm1 applies the
+    activation in its epilogue; see :meth:`moe_core.Backend.fuses_activation`)."""
+    cls = type(backend)
+    return type(f"Fused{cls.__name__}", (cls,), {"fuse_activation": True})()
+
+
 def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float, act_bytes: int,
              ceilings: dict[str, float]) -> float:
     """Lower bound in seconds of one forward (see the module docstring)."""
@@ -165,11 +173,13 @@ def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float,
 def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] = DEFAULT_TOKENS, *,
               dtype: str = "bfloat16", out_dir: Path = Path("bench_out"), backend: str = "cuda",
               peers: tuple[str, ...] = ("grouped_mm", "naive"), seed: int = 0,
-              compare_default: bool = False) -> dict[str, Any]:
+              compare_default: bool = False, compare_fused: bool = False) -> dict[str, Any]:
     """Run the side-by-side benchmark; returns (and writes) the results.
 
     :param compare_default: also time ``ours_default``, our backend without its shipped
         tuned tables, to show what the tables buy.
+    :param compare_fused: also time ``ours_fused``, our backend with the activation fused into
+        gemm1 (same tables), checked against the oracle like the others.
     """
     import moe_core
     from moe_core.presets import PRESETS
@@ -201,6 +211,7 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
         runner = moe_core.MoERunner(layer, backend=backend)
         bf16_runner = moe_core.MoERunner(layer, backend=backend)
         default_runner = moe_core.MoERunner(layer, backend=untuned(runner.backend_for(weights.quant)))
+        fused_runner = moe_core.MoERunner(layer, backend=with_fused_activation(runner.backend_for(weights.quant)))
         bf16_weights = moe_core.ExpertWeights(w1, w2)
         for M in tokens:
             x = torch.randn(M, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10
@@ -213,6 +224,8 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
                 "ours": lambda: runner.run(x, weights, tw, ti)}
             if compare_default:
                 impls["ours_default"] = lambda: default_runner.run(x, weights, tw, ti)
+            if compare_fused:
+                impls["ours_fused"] = lambda: fused_runner.run(x, weights, tw, ti)
             if dtype == "fp8":
                 impls["ours_bf16"] = lambda: bf16_runner.run(x, bf16_weights, tw, ti)
             if "grouped_mm" in peers and dtype != "fp8":

@@ -138,7 +138,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     result = bench.run_bench(tuple(args.models.split(",")), tuple(int(t) for t in args.tokens.split(",")),
                              dtype=args.dtype, out_dir=Path(args.out), backend=args.backend,
-                             compare_default=args.compare_default)
+                             compare_default=args.compare_default, compare_fused=args.compare_fused)
     print(bench.markdown_table(result))
     return 0
 
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out", help="folder for JSON, Markdown and PNG results")
     p.add_argument("--compare-default", action="store_true",
                    help="also time our backend without its shipped tuned tables (column ours_default)")
+    p.add_argument("--compare-fused", action="store_true",
+                   help="also time our backend with the activation fused into gemm1 (column ours_fused)")
     p.set_defaults(func=_cmd_bench)
 
     try:

@@ -100,6 +100,8 @@ class MoERunner:
         if plan is None:
             lines.append("configs: resolved at the first run")
         else:
+            lines.append("activation: " + ("fused into gemm1's epilogue" if plan.fused_activation else
+                                           "its own step (gemm1 writes gate_up)"))
             from moe_core.config import format_why
 
             lines.extend(format_why(plan.why))

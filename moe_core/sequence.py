@@ -7,7 +7,7 @@
     sorted, expert_ids, n_post = backend.align(ids)        # 3
     gate_up  = backend.gemm(x, w1)        [M·k, N]         # 4
     after_gate_up(x, gate_up[M, k, N])                     # 5  hook
-    act      = backend.activation(gate_up)                 # 6
+    act      = backend.activation(gate_up)                 # 6  (or 4-6 in gemm1: fused_activation)
     down     = backend.gemm(act, w2)      [M·k, H]         # 7
     after_down(act, down[M, k, H])                         # 8  hook
     out      = backend.combine(down)      [M, H]           # 9
@@ -57,8 +57,9 @@ def prepare(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
         backend, M=M, E=E, I=layer.intermediate_size, H=layer.hidden_size, top_k=layer.top_k,
         act_dtype=x.dtype, quant=weights.quant, has_hooks=hooks.any)
     validate.check_resolved_configs(resolved.config, resolved.down_config)
+    fused = hooks.after_gate_up is None and backend.fuses_activation(layer, weights.quant)
     return Plan(backend=backend, layer=layer, quant=weights.quant, config=resolved.config,
-                down_config=resolved.down_config, hooks=hooks, why=resolved.why)
+                down_config=resolved.down_config, hooks=hooks, why=resolved.why, fused_activation=fused)
 
 
 class _step:
@@ -111,8 +112,9 @@ def _map_ids(plan: Plan, topk_ids: torch.Tensor, n_valid: int | torch.Tensor | N
 def _gemm(plan: Plan, which: int, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
           bias: torch.Tensor | None, topk_weights: torch.Tensor,
           aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor], top_k: int, mul_routed_weight: bool,
-          config: Mapping[str, Any]) -> torch.Tensor:
-    """Steps 4 / 7: gemm ``which`` (1 or 2) into ``out``; w8a8 quantizes ``a`` first, into a separate buffer."""
+          config: Mapping[str, Any], fused: dict[str, Any] | None = None) -> torch.Tensor:
+    """Steps 4 / 7: gemm ``which`` (1 or 2) into ``out``; w8a8 quantizes ``a`` first, into a separate buffer.
+    ``fused``: ``{"activation": layer}`` when gemm1 applies the activation (``out`` is ``act``)."""
     quant = plan.quant
     a_scale = None
     if quant.is_w8a8:
@@ -123,7 +125,8 @@ def _gemm(plan: Plan, which: int, a: torch.Tensor, w: torch.Tensor, out: torch.T
         plan.backend.gemm(a, w, out, a_scale=a_scale, w_scale=getattr(quant, f"w{which}_scale"),
                           w_zp=getattr(quant, f"w{which}_zp"), bias=bias, topk_weights=topk_weights,
                           sorted_token_ids=sorted_ids, expert_ids=expert_ids, num_tokens_post_padded=n_post,
-                          top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=dict(config))
+                          top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=dict(config),
+                          **(fused or {}))
     return out
 
 
@@ -152,16 +155,20 @@ def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch
     with _step(plan, "align"):
         aligned = backend.align(ids, plan.block_m, E)
 
-    gate_up = torch.empty((S, N), dtype=x.dtype, device=x.device)
-    _gemm(plan, 1, x, w1, gate_up, bias=weights.b1, topk_weights=topk_weights, aligned=aligned, top_k=k,
-          mul_routed_weight=layer.apply_router_weight_on_input, config=plan.config)
-    if hooks.after_gate_up is not None:
-        hooks.after_gate_up(x=x, gate_up=gate_up.view(M, k, N), topk_weights=topk_weights,
-                            topk_ids=ids, layer=layer)
-
     act = torch.empty((S, N // 2 if layer.is_gated else N), dtype=x.dtype, device=x.device)
-    with _step(plan, "activation"):
-        backend.activation(gate_up, act, layer, ids)
+    if plan.fused_activation:      # steps 4-6 in one kernel: no hook needs gate_up
+        _gemm(plan, 1, x, w1, act, bias=weights.b1, topk_weights=topk_weights, aligned=aligned, top_k=k,
+              mul_routed_weight=layer.apply_router_weight_on_input, config=plan.config,
+              fused={"activation": layer})
+    else:
+        gate_up = torch.empty((S, N), dtype=x.dtype, device=x.device)
+        _gemm(plan, 1, x, w1, gate_up, bias=weights.b1, topk_weights=topk_weights, aligned=aligned, top_k=k,
+              mul_routed_weight=layer.apply_router_weight_on_input, config=plan.config)
+        if hooks.after_gate_up is not None:
+            hooks.after_gate_up(x=x, gate_up=gate_up.view(M, k, N), topk_weights=topk_weights,
+                                topk_ids=ids, layer=layer)
+        with _step(plan, "activation"):
+            backend.activation(gate_up, act, layer, ids)
 
     down = torch.empty((S, H), dtype=x.dtype, device=x.device)
     _gemm(plan, 2, act, w2, down, bias=weights.b2, topk_weights=topk_weights, aligned=aligned, top_k=1,

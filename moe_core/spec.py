@@ -397,6 +397,8 @@ class Plan:
     hooks: HookSet
     #: why each config was chosen (source, key, dropped keys), for ``explain()``
     why: Mapping[str, Any] = attrs.field(factory=dict, converter=lambda d: types.MappingProxyType(dict(d)))
+    #: gemm1 writes ``act`` directly (the backend fuses the activation; no after_gate_up hook)
+    fused_activation: bool = False
 
     @property
     def block_m(self) -> int:

@@ -95,3 +95,7 @@ def test_bench_untuned_backend_skips_shipped_tables() -> None:
     default = resolve(plain)
     assert default.why["gemm1"]["source"] == default.why["gemm2"]["source"] == "default"
     assert default.config == plain.default_config(64, 128, 2 * 768, 2048, 8, None, None)
+    fused = bench.with_fused_activation(CudaBackend())           # --compare-fused: same tables, fused act
+    assert isinstance(fused, CudaBackend) and fused.fuses_activation(None, QuantSpec.none())
+    assert not CudaBackend().fuses_activation(None, QuantSpec.none())
+    assert resolve(fused).config == tuned.config

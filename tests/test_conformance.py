@@ -2,7 +2,8 @@
 
 - ``torch`` through its entry point;
 - ``hip`` and ``xpu`` with their platform probes replaced (a pretend MI300X / Intel Max),
-  their whole forward under the Triton interpreter in fp32/fp16;
+  their whole forward under the Triton interpreter in fp32/fp16; the Triton sequence with the
+  activation fused into gemm1, likewise;
 - the ``moe-core-example`` distribution, as a ``.dist-info`` fixture and (``slow``) really
   installed with pip into a target folder, then run by ``pytest --moe-backend example``;
 - under ``pytester``: a dummy backend passes; one that drops ``routed_scaling_factor`` fails
@@ -78,6 +79,23 @@ class TestXpuConformance(_Interpreted):
         return XpuBackend(probe=_intel_max)
 
     quant_cases = ("int8_w8a8-block", "int8_w8a16-per-channel", "int8_w8a16-group")
+
+
+@pytest.mark.interp
+class TestFusedActivationConformance(_Interpreted):
+    """gemm1 with the activation in its epilogue (``TritonBackend.fuse_activation``): every
+    activation and scheme; the hook cases run unfused, as a hook needs ``gate_up``."""
+
+    activations = ("gelu", "swiglu_oai", "relu2")
+
+    def build(self):
+        from moe_core.kernels.backend import TritonBackend
+
+        class FusedTriton(TritonBackend):
+            name = "fused-triton"
+            fuse_activation = True
+
+        return FusedTriton()
 
 
 # -- the example distribution, as a .dist-info fixture -------------------------------------

@@ -33,6 +33,25 @@ class TestCudaConformanceProductionTiles(BackendConformanceTests):
     activations = ("swiglu_oai",)
 
 
+class TestCudaFusedActivationConformance(BackendConformanceTests):
+    """``cuda`` with the activation in gemm1's epilogue (off by default until measured): the
+    whole suite, every scheme, on the shipped tiles and on the production-sized ones."""
+
+    backend_name = "cuda"
+    dtypes = (torch.bfloat16, torch.float16)
+    num_tokens, num_experts, top_k, hidden_size, intermediate_size = 33, 8, 2, 256, 128
+    block_shape = (128, 128)
+    group_size = 64
+
+    def make_backend(self, config: pytest.Config):
+        from moe_core.backends.cuda import CudaBackend
+
+        class FusedCuda(CudaBackend):
+            fuse_activation = True
+
+        return FusedCuda()
+
+
 class TestExampleConformanceGpu(BackendConformanceTests):
     backend_name = "example"
     dtypes = (torch.bfloat16, torch.float32)

@@ -32,10 +32,10 @@ done
 step 30 "$CLI" python3 -m moe_core configs --model qwen3-30b-a3b --dtype bfloat16
 grep -E "^(model|backend|normalised|PASS|FAIL)" "$CLI"
 
-# 3. speed: bf16 with tuned-vs-default, the HF patch benchmark, then fp8 block [128,128]
+# 3. speed: bf16 with tuned-vs-default and fused activation, the HF patch benchmark, then fp8 block [128,128]
 BENCH=bench_out
 keep() { tar czf "$LOG_DIR/bench.tgz" "$BENCH" 2>/dev/null; }   # after each step: a later kill keeps it
-step "${BENCH_BF16_S:-170}" "$CLI" python3 -m moe_core bench --compare-default --out "$BENCH"; keep
+step "${BENCH_BF16_S:-170}" "$CLI" python3 -m moe_core bench --compare-default --compare-fused --out "$BENCH"; keep
 step 60 "$LOG_DIR/hf_bench.log" python3 benchmarks/hf_patch_bench.py --json "$BENCH/hf_bench.json"; keep
 step "${BENCH_FP8_S:-90}" "$CLI" python3 -m moe_core bench --dtype fp8 --tokens 1,64,256,1024,4096 --out "$BENCH"; keep
 cat "$BENCH"/bench_*.md 2>/dev/null

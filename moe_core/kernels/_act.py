@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["_act_kernel"]
+__all__ = ["_act_kernel", "_gated", "_plain"]
 
 
 @triton.jit
@@ -32,6 +32,22 @@ def _plain(x, ACT: tl.constexpr):
     else:
         r = tl.maximum(x, 0.0)
         y = r * r
+    return y
+
+
+@triton.jit
+def _gated(g, u, alpha, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """Gated activation of fp32 gate ``g`` and up ``u`` (also gemm1's fused epilogue)."""
+    if ACT == 3:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        y = g * _sigmoid(alpha * g) * (u + 1.0)
+    else:
+        a = _plain(g, ACT)
+        if HAS_LIMIT:
+            a = tl.minimum(a, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+        y = a * u
     return y
 
 
@@ -59,16 +75,7 @@ def _act_kernel(gu_ptr, out_ptr, ids_ptr, S, N_OUT, stride_gs, stride_os, half, 
         else:
             g = tl.load(row_base + cols[None, :], mask=load_mask, other=0.0).to(tl.float32)
             u = tl.load(row_base + half + cols[None, :], mask=load_mask, other=0.0).to(tl.float32)
-        if ACT == 3:
-            g = tl.minimum(g, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
-            y = g * _sigmoid(alpha * g) * (u + 1.0)
-        else:
-            a = _plain(g, ACT)
-            if HAS_LIMIT:
-                a = tl.minimum(a, limit)
-                u = tl.minimum(tl.maximum(u, -limit), limit)
-            y = a * u
+        y = _gated(g, u, alpha, limit, ACT, HAS_LIMIT)
     else:
         x = tl.load(row_base + cols[None, :], mask=load_mask, other=0.0).to(tl.float32)
         y = _plain(x, ACT)

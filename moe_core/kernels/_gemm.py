@@ -17,6 +17,12 @@ Quantization modes (``QUANT``, a constexpr):
  5    weight-only grouped int4 (packed along K, low nibble first): zp packed along N, default 8
 ====  =====================================================================================
 
+Fused activation (``FUSE_ACT``, gemm1 only, when no hook needs ``gate_up``): the program's
+``BLOCK_SIZE_N`` columns are columns of ``act`` (``N`` = its width). Gated (``FUSE_ACT == 1``):
+each program also computes the matching up columns (rows ``n + N`` of ``w``, or rows ``2n`` and
+``2n + 1`` when ``INTERLEAVED``) in a second accumulator and stores ``act(gate, up)`` from fp32;
+non-gated (``FUSE_ACT == 2``): ``act(acc)``. Off (``0``), the kernel is the plain GEMM.
+
 Every offset that scales with tokens, slots, experts or program ids is int64.
 """
 
@@ -25,7 +31,61 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_core.kernels._act import _gated, _plain
+
 __all__ = ["_grouped_gemm_kernel"]
+
+
+@triton.jit
+def _w_tile(w_base, w_scale_ptr, w_zp_ptr, off_expert, w_rows, k_idx, k_mask, group_k, stride_wk,
+            stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk,
+            QUANT: tl.constexpr, HAS_ZP: tl.constexpr, UPCAST: tl.constexpr):
+    """The [BLOCK_SIZE_K, BLOCK_SIZE_N] weight tile at ``w_base`` ([1, BLOCK_SIZE_N] pointers to
+    rows ``w_rows`` of expert ``off_expert``), dequantized for the weight-only modes; K tail masked."""
+    if QUANT == 5:
+        wq = tl.load(w_base + (k_idx[:, None] // 2) * stride_wk, mask=k_mask[:, None], other=0)
+        wq = ((wq.to(tl.int32) >> ((k_idx[:, None] % 2) * 4)) & 0xF).to(tl.float32)
+    elif UPCAST:
+        wq = tl.where(k_mask[:, None],
+                      tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None]).to(tl.float32), 0.0)
+    else:
+        # float zero: int8/uint8 take it as 0, and int -> fp8 casts do not exist
+        wq = tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None], other=0.0)
+    if QUANT == 4 or QUANT == 5:
+        # weight-only grouped: dequantize the tile before the dot
+        g_idx = k_idx[:, None] // group_k
+        scale = tl.load(w_scale_ptr + off_expert * stride_wse + w_rows[None, :] * stride_wsn
+                        + g_idx * stride_wsk, mask=k_mask[:, None], other=0.0)
+        if HAS_ZP:
+            if QUANT == 5:
+                zp = tl.load(w_zp_ptr + off_expert * stride_zpe + (w_rows[None, :] // 2) * stride_zpn
+                             + g_idx * stride_zpk, mask=k_mask[:, None], other=0)
+                zp = ((zp.to(tl.int32) >> ((w_rows[None, :] % 2) * 4)) & 0xF).to(tl.float32)
+            else:
+                zp = tl.load(w_zp_ptr + off_expert * stride_zpe + w_rows[None, :] * stride_zpn
+                             + g_idx * stride_zpk, mask=k_mask[:, None], other=0).to(tl.float32)
+        else:
+            zp = 8.0 if QUANT == 5 else 128.0
+        wq = (wq.to(tl.float32) - zp) * scale
+    return wq
+
+
+@triton.jit
+def _mma(a, wq, QUANT: tl.constexpr, INT_DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``a @ wq`` in fp32 (int32 for the int8 dot), with the operand casts of each mode."""
+    if UPCAST:
+        b = wq.to(tl.float32)
+    elif QUANT == 1 or QUANT == 2:
+        b = wq
+    else:
+        b = wq.to(a.dtype)
+    if INT_DOT:
+        part = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+    elif IEEE:
+        part = tl.dot(a, b, input_precision="ieee")
+    else:
+        part = tl.dot(a, b)
+    return part
 
 
 # EM and num_valid_tokens change with every batch size; specialising them (divisibility by 16)
@@ -56,6 +116,12 @@ def _grouped_gemm_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
+    FUSE_ACT: tl.constexpr = 0,
+    ACT: tl.constexpr = 0,
+    INTERLEAVED: tl.constexpr = False,
+    HAS_LIMIT: tl.constexpr = False,
+    ALPHA: tl.constexpr = 1.0,
+    LIMIT: tl.constexpr = 0.0,
 ):
     # -- program -> (pid_m, pid_n), grouped along M -------------------------------------
     pid = tl.program_id(axis=0)
@@ -90,18 +156,36 @@ def _grouped_gemm_kernel(
         return
 
     offs_bn = offs_cn % N                       # wrapped columns are computed, never stored
+    # weight rows of the output columns (gate rows when the activation is fused)
+    if FUSE_ACT == 1:
+        if INTERLEAVED:
+            rows_g = offs_bn * 2
+            rows_u = rows_g + 1
+        else:
+            rows_g = offs_bn
+            rows_u = offs_bn + N
+    else:
+        rows_g = offs_bn
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     a_rows = a_ptr + (offs_token // top_k) * stride_am
-    w_base = w_ptr + off_expert * stride_we + offs_bn[None, :] * stride_wn
+    w_base = w_ptr + off_expert * stride_we + rows_g[None, :] * stride_wn
+    if FUSE_ACT == 1:
+        w_base_u = w_ptr + off_expert * stride_we + rows_u[None, :] * stride_wn
     if QUANT == 1 or QUANT == 2:
         a_scale_rows = a_scale_ptr + (offs_token // top_k) * stride_asm
     if QUANT == 1 or QUANT == 3:
-        w_scale_cols = w_scale_ptr + off_expert * stride_wse + offs_bn * stride_wsn
+        w_scale_cols = w_scale_ptr + off_expert * stride_wse + rows_g * stride_wsn
+        if FUSE_ACT == 1:
+            w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + rows_u * stride_wsn
     if QUANT == 2:
-        w_scale_cols = w_scale_ptr + off_expert * stride_wse + (offs_bn // group_n) * stride_wsn
+        w_scale_cols = w_scale_ptr + off_expert * stride_wse + (rows_g // group_n) * stride_wsn
+        if FUSE_ACT == 1:
+            w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + (rows_u // group_n) * stride_wsn
 
     # 5. K loop, fp32 accumulation, K tail masked
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    if FUSE_ACT == 1:
+        acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_idx = kb * BLOCK_SIZE_K + offs_k
         k_mask = k_idx < K
@@ -112,67 +196,56 @@ def _grouped_gemm_kernel(
             a = tl.where(a_mask, tl.load(a_ptrs, mask=a_mask).to(tl.float32), 0.0)
         else:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if QUANT == 5:
-            wq = tl.load(w_base + (k_idx[:, None] // 2) * stride_wk, mask=k_mask[:, None], other=0)
-            wq = ((wq.to(tl.int32) >> ((k_idx[:, None] % 2) * 4)) & 0xF).to(tl.float32)
-        elif UPCAST:
-            wq = tl.where(k_mask[:, None],
-                          tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None]).to(tl.float32), 0.0)
-        else:
-            # float zero: int8/uint8 take it as 0, and int -> fp8 casts do not exist
-            wq = tl.load(w_base + k_idx[:, None] * stride_wk, mask=k_mask[:, None], other=0.0)
-        if QUANT == 4 or QUANT == 5:
-            # weight-only grouped: dequantize the tile before the dot
-            g_idx = k_idx[:, None] // group_k
-            scale = tl.load(w_scale_ptr + off_expert * stride_wse + offs_bn[None, :] * stride_wsn
-                            + g_idx * stride_wsk, mask=k_mask[:, None], other=0.0)
-            if HAS_ZP:
-                if QUANT == 5:
-                    zp = tl.load(w_zp_ptr + off_expert * stride_zpe + (offs_bn[None, :] // 2) * stride_zpn
-                                 + g_idx * stride_zpk, mask=k_mask[:, None], other=0)
-                    zp = ((zp.to(tl.int32) >> ((offs_bn[None, :] % 2) * 4)) & 0xF).to(tl.float32)
-                else:
-                    zp = tl.load(w_zp_ptr + off_expert * stride_zpe + offs_bn[None, :] * stride_zpn
-                                 + g_idx * stride_zpk, mask=k_mask[:, None], other=0).to(tl.float32)
-            else:
-                zp = 8.0 if QUANT == 5 else 128.0
-            wq = (wq.to(tl.float32) - zp) * scale
-        if UPCAST:
-            b = wq.to(tl.float32)
-        elif QUANT == 1 or QUANT == 2:
-            b = wq
-        else:
-            b = wq.to(a.dtype)
-        if INT_DOT:
-            part = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-        elif IEEE:
-            part = tl.dot(a, b, input_precision="ieee")
-        else:
-            part = tl.dot(a, b)
+        wq = _w_tile(w_base, w_scale_ptr, w_zp_ptr, off_expert, rows_g, k_idx, k_mask, group_k, stride_wk,
+                     stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk, QUANT, HAS_ZP, UPCAST)
+        part = _mma(a, wq, QUANT, INT_DOT, UPCAST, IEEE)
+        if FUSE_ACT == 1:
+            wq_u = _w_tile(w_base_u, w_scale_ptr, w_zp_ptr, off_expert, rows_u, k_idx, k_mask, group_k,
+                           stride_wk, stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk,
+                           QUANT, HAS_ZP, UPCAST)
+            part_u = _mma(a, wq_u, QUANT, INT_DOT, UPCAST, IEEE)
         if QUANT == 2:
             kg = (kb * BLOCK_SIZE_K) // group_k
             a_s = tl.load(a_scale_rows + kg * stride_ask, mask=token_mask, other=0.0)
             w_s = tl.load(w_scale_cols + kg * stride_wsk)
             acc += part * a_s[:, None] * w_s[None, :]
+            if FUSE_ACT == 1:
+                w_s_u = tl.load(w_scale_cols_u + kg * stride_wsk)
+                acc_u += part_u * a_s[:, None] * w_s_u[None, :]
         else:
             acc += part
+            if FUSE_ACT == 1:
+                acc_u += part_u
 
     # 6. scales after the loop
     if QUANT == 1:
         a_s = tl.load(a_scale_rows, mask=token_mask, other=0.0)
         w_s = tl.load(w_scale_cols)
         acc = acc * a_s[:, None] * w_s[None, :]
+        if FUSE_ACT == 1:
+            acc_u = acc_u * a_s[:, None] * tl.load(w_scale_cols_u)[None, :]
     if QUANT == 3:
         w_s = tl.load(w_scale_cols)
         acc = acc * w_s[None, :]
+        if FUSE_ACT == 1:
+            acc_u = acc_u * tl.load(w_scale_cols_u)[None, :]
     # 7. bias
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + off_expert * stride_be + offs_bn * stride_bn).to(tl.float32)
+        bias = tl.load(bias_ptr + off_expert * stride_be + rows_g * stride_bn).to(tl.float32)
         acc = acc + bias[None, :]
+        if FUSE_ACT == 1:
+            acc_u = acc_u + tl.load(bias_ptr + off_expert * stride_be + rows_u * stride_bn).to(tl.float32)[None, :]
     # 8. routed weight of the slot (topk_weights [M, weights_k], row stride stride_tw)
     if MUL_ROUTED_WEIGHT:
         tw = tl.load(topk_weights_ptr + (offs_token // weights_k) * stride_tw + offs_token % weights_k,
                      mask=token_mask, other=0.0)
         acc = acc * tw[:, None]
+        if FUSE_ACT == 1:
+            acc_u = acc_u * tw[:, None]
+    # fused activation of SEMANTICS §4.3, from the fp32 accumulators
+    if FUSE_ACT == 1:
+        acc = _gated(acc, acc_u, ALPHA, LIMIT, ACT, HAS_LIMIT)
+    elif FUSE_ACT == 2:
+        acc = _plain(acc, ACT)
     # 9./10. cast once, store the slot rows
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -67,6 +67,9 @@ class TritonBackend(Backend):
     priority = 0
     #: minimum (major, minor) compute capability for fp8 w8a8 on this platform; None: no fp8
     fp8_min_capability: tuple[int, int] | None = (8, 9)
+    #: gemm1 applies the activation in its epilogue when no hook needs ``gate_up``. Off until
+    #: measured on hardware (benchmarks/NOTES.md); the tuned tables were made without it.
+    fuse_activation: bool = False
 
     # -- capability ------------------------------------------------------------------
     def is_available(self) -> tuple[bool, str]:
@@ -148,6 +151,9 @@ class TritonBackend(Backend):
                           "num_warps": 4, "num_stages": 2}
         return config
 
+    def fuses_activation(self, layer: MoELayer, quant: QuantSpec) -> bool:
+        return self.fuse_activation
+
     # -- steps -----------------------------------------------------------------------
     def align(self, topk_ids: torch.Tensor, block_m: int,
               num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,13 +175,15 @@ class TritonBackend(Backend):
              a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, w_zp: torch.Tensor | None,
              bias: torch.Tensor | None, topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor,
              expert_ids: torch.Tensor, num_tokens_post_padded: torch.Tensor, top_k: int,
-             mul_routed_weight: bool, quant: QuantSpec, config: dict[str, Any]) -> torch.Tensor:
+             mul_routed_weight: bool, quant: QuantSpec, config: dict[str, Any],
+             activation: MoELayer | None = None) -> torch.Tensor:
         from moe_core.kernels.gemm import grouped_gemm
 
         return grouped_gemm(a, w, out, a_scale=a_scale, w_scale=w_scale, w_zp=w_zp, bias=bias,
                             topk_weights=topk_weights, sorted_token_ids=sorted_token_ids,
                             expert_ids=expert_ids, num_tokens_post_padded=num_tokens_post_padded,
-                            top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=config)
+                            top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=config,
+                            activation=activation)
 
     def activation(self, gate_up: torch.Tensor, out: torch.Tensor, layer: MoELayer,
                    topk_ids: torch.Tensor) -> torch.Tensor:

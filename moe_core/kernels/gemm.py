@@ -16,7 +16,7 @@ from moe_core.errors import MoEInputError, MoETypeError
 from moe_core.kernels._launch import cdiv
 
 if TYPE_CHECKING:
-    from moe_core.spec import QuantSpec
+    from moe_core.spec import MoELayer, QuantSpec
 
 __all__ = ["grouped_gemm", "quant_mode", "LAUNCH_KEYS"]
 
@@ -53,7 +53,7 @@ def _is_interpreter(t: torch.Tensor) -> bool:
 
 
 def _check(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, mode: int, quant: QuantSpec,
-           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None) -> None:
+           a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, out_cols: int) -> None:
     if a.dim() != 2 or w.dim() != 3 or out.dim() != 2:
         raise MoEInputError(f"grouped_gemm: expected a [rows, K], w [E, N_out, K], out [S, N_out]; got "
                             f"a {list(a.shape)}, w {list(w.shape)}, out {list(out.shape)}")
@@ -61,8 +61,9 @@ def _check(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, mode: int, quant
     if w.shape[2] * pack != a.shape[1]:
         raise MoEInputError(f"grouped_gemm: w: expected K = a.shape[1] = {a.shape[1]}"
                             f"{' (packed: K/2 bytes)' if pack == 2 else ''}, got w {list(w.shape)}")
-    if out.shape[1] != w.shape[1]:
-        raise MoEInputError(f"grouped_gemm: out: expected N_out = w.shape[1] = {w.shape[1]} columns, "
+    if out.shape[1] != out_cols:
+        what = "w.shape[1]" if out_cols == w.shape[1] else "w.shape[1] / 2 (gated, activation fused)"
+        raise MoEInputError(f"grouped_gemm: out: expected N_out = {what} = {out_cols} columns, "
                             f"got {list(out.shape)}")
     if a.shape[1] > 1 and a.stride(1) != 1:
         raise MoEInputError(f"grouped_gemm: a: the last dim must be contiguous, got strides {a.stride()}")
@@ -76,13 +77,29 @@ def _check(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, mode: int, quant
         raise MoETypeError(f"grouped_gemm: w8a8 needs a and w both fp8 or both int8, got {a.dtype} and {w.dtype}")
 
 
+def _fused_act_args(layer: MoELayer | None) -> dict[str, Any]:
+    """The kernel's fused-activation constexprs for ``layer`` (none: the plain GEMM)."""
+    if layer is None:
+        return {}
+    from moe_core.kernels.act import _ACT_CODE
+
+    limit = layer.gemm1_limit
+    return {"FUSE_ACT": 1 if layer.is_gated else 2, "ACT": _ACT_CODE[layer.activation],
+            "INTERLEAVED": layer.is_gated and layer.gate_up_layout == "interleaved",
+            "HAS_LIMIT": limit is not None and layer.activation != "swiglu_oai",
+            "ALPHA": float(layer.gemm1_alpha if layer.gemm1_alpha is not None else 1.0),
+            "LIMIT": float(limit if limit is not None else 0.0)}
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                  a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, w_zp: torch.Tensor | None,
                  bias: torch.Tensor | None, topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor,
                  expert_ids: torch.Tensor, num_tokens_post_padded: torch.Tensor, top_k: int,
-                 mul_routed_weight: bool, quant: QuantSpec, config: dict[str, Any]) -> torch.Tensor:
+                 mul_routed_weight: bool, quant: QuantSpec, config: dict[str, Any],
+                 activation: MoELayer | None = None) -> torch.Tensor:
     """``out[s] = (a[s // top_k] @ w[e]ᵀ)·scales + bias (· topk_weights[s])`` for every slot
-    ``s`` of a block of expert ``e``; rows of ``-1`` blocks are written as zeros.
+    ``s`` of a block of expert ``e``; rows of ``-1`` blocks are written as zeros. With
+    ``activation``, ``out[s] = act(that row)`` (SEMANTICS §4.3, from fp32) instead.
 
     :param a: [rows, K] input (``x`` for gemm1, ``act`` for gemm2; fp8/int8 for w8a8); rows may be strided.
     :param w: [E, N_out, K] weights (int4: [E, N_out, K/2] uint8); any strides.
@@ -99,18 +116,26 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     :param mul_routed_weight: multiply each row by its slot's routed weight.
     :param quant: the :class:`~moe_core.spec.QuantSpec`.
     :param config: launch config (``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``, ``num_stages``).
+    :param activation: gemm1 only: the layer whose activation the epilogue applies; ``out`` is
+        then ``act`` ([S, N_out/2] gated, [S, N_out] otherwise). A gated program computes
+        ``BLOCK_SIZE_N / 2`` act columns from ``BLOCK_SIZE_N`` weight rows, as the config's
+        unfused tile did.
     :returns: ``out``.
     """
     from moe_core.kernels._gemm import _grouped_gemm_kernel
 
     mode = quant_mode(quant)
-    _check(a, w, out, mode, quant, a_scale, w_scale)
+    gated = activation is not None and activation.is_gated
+    out_cols = w.shape[1] // 2 if gated else w.shape[1]
+    _check(a, w, out, mode, quant, a_scale, w_scale, out_cols)
     S, N = out.shape
     K = a.shape[1]
     EM = sorted_token_ids.shape[0]
     if S == 0 or EM == 0 or N == 0:
         return out
     BM, BN, BK = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    if gated:
+        BN = max(16, BN // 2)
     group_n = group_k = 0
     if mode == 2:
         group_n, group_k = quant.block_shape
@@ -176,6 +201,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         BLOCK_SIZE_N=BN,
         BLOCK_SIZE_K=BK,
         GROUP_SIZE_M=config.get("GROUP_SIZE_M", 1),
+        **_fused_act_args(activation),
         **extra,
     )
     return out
