@@ -10,6 +10,7 @@ interpreter-only fp32 paths are switched off)::
 
     python benchmarks/compile_report.py --model qwen3-30b-a3b --tokens 1,64,4096
     python benchmarks/compile_report.py --config '{"BLOCK_SIZE_M": 64, ...}'   # one config for both GEMMs
+    python benchmarks/compile_report.py --digests before.json   # then after an edit: --digests after.json
 
 Columns: ``regs`` per thread, ``spill`` bytes of local memory per thread (spills; should be 0), ``smem`` bytes of
 shared memory (grows with ``num_stages`` when the K loop is pipelined), ``async`` whether the
@@ -20,6 +21,7 @@ the dot uses Hopper's warp-group MMA.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -38,6 +40,17 @@ def _cuobjdump() -> str:
     import triton
 
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def ptx_digest(ptx: str) -> str:
+    """A digest of the PTX instructions alone (debug line info and labels dropped), so a
+    refactor of a kernel's source can be shown to leave its machine code unchanged."""
+    body = ptx[ptx.index("{"):] if "{" in ptx else ptx
+    if ".section" in body:
+        body = body[:body.index(".section")]
+    lines = (line for line in body.splitlines()
+             if not line.strip().startswith((".loc", ".file", "//", "$L__tmp")))   # $L__tmp: debug markers
+    return hashlib.sha256(re.sub(r"\$L__\w+", "L", "\n".join(lines)).encode()).hexdigest()[:16]
 
 
 def compile_launch(kernel: Any, args: tuple, kwargs: dict, capability: int) -> dict[str, Any]:
@@ -65,7 +78,8 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, capability: int) -> d
         os.unlink(f.name)
     regs = re.search(r"REG:(\d+)", usage)
     spill = re.search(r"LOCAL:(\d+)", usage)
-    return {"regs": int(regs.group(1)) if regs else None, "spill": int(spill.group(1)) if spill else 0,
+    return {"ptx": ptx_digest(ptx),
+            "regs": int(regs.group(1)) if regs else None, "spill": int(spill.group(1)) if spill else 0,
             "smem": compiled.metadata.shared, "async": ("cp.async" in ptx) or ("cp.async.bulk" in ptx),
             "wgmma": "wgmma.mma_async" in ptx,
             "warps": options.num_warps, "stages": options.num_stages}
@@ -162,6 +176,9 @@ def main() -> None:
     p.add_argument("--fuse", action="store_true", help="the activation fused into gemm1 (fuse_activation)")
     p.add_argument("--capability", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     p.add_argument("--config", default=None, help="JSON config for both GEMMs instead of the tuned tables")
+    p.add_argument("--digests", default=None,
+                   help="write {kernel + constexprs: PTX digest} as JSON here (compare two trees' files "
+                        "to show a kernel edit leaves the compiled code unchanged)")
     args = p.parse_args()
     config = json.loads(args.config) if args.config else None
     print(f"{'M':>6} {'kernel':<24} {'config':<44} {'regs':>4} {'spill':>5} {'smem':>6} async wgmma")
@@ -180,6 +197,9 @@ def main() -> None:
             print(f"{M:>6} {name:<24} {cfg:<44} {r['regs']:>4} {r['spill']:>5} {r['smem']:>6} "
                   f"{'yes' if r['async'] else 'no':>5} {'yes' if r['wgmma'] else 'no':>5}")
             sys.stdout.flush()
+    if args.digests:
+        Path(args.digests).write_text(json.dumps({f"{name} {meta}": r["ptx"] for (name, meta), r in seen.items()},
+                                                 indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":
