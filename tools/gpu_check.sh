@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install moe-core offline on a GPU machine and run the GPU suite (pytest -m gpu).
+# Install moe-core offline on a GPU machine and run the GPU suite (pytest -m "gpu and not sanitizer";
+# pass `-m sanitizer` as an extra argument for the compute-sanitizer cases instead).
 #
 # usage: tools/gpu_check.sh [LOG_DIR] [extra pytest args...]
 #   LOG_DIR defaults to $OUT when set, else ./gpu_logs. Writes LOG_DIR/gpu_check.log
@@ -22,9 +23,9 @@ if ! "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . >>"$
   echo "pip install failed; see $LOG" | tee -a "$LOG"
   exit 2
 fi
-echo "== pytest -m gpu" | tee -a "$LOG"
+echo "== pytest -m 'gpu and not sanitizer' $*" | tee -a "$LOG"
 start=$(date +%s)
-PYTHONUNBUFFERED=1 "$PY" -m pytest -m gpu -p no:cacheprovider -q -rs --durations=15 \
+PYTHONUNBUFFERED=1 "$PY" -m pytest -m "gpu and not sanitizer" -p no:cacheprovider -q -rs --durations=15 \
   --junitxml="$LOG_DIR/junit.xml" "$@" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 echo "== pytest exit $rc after $(( $(date +%s) - start )) s" | tee -a "$LOG"
