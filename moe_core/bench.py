@@ -146,18 +146,22 @@ def random_weights(layer: Any, gen: torch.Generator) -> tuple[torch.Tensor, torc
     return w1, w2
 
 
-def untuned(backend: Any) -> Any:
-    """A fresh instance of ``backend``'s class that searches no shipped tables: every config
-    comes from ``$MOE_CORE_CONFIG_DIR`` or the backend's default heuristics (tuned vs default)."""
+def _variant(backend: Any, prefix: str, **overrides: Any) -> Any:
+    """A fresh instance of a subclass of ``backend``'s class with ``overrides`` as class attributes."""
     cls = type(backend)
-    return type(f"Untuned{cls.__name__}", (cls,), {"config_dirs": lambda self: []})()
+    return type(f"{prefix}{cls.__name__}", (cls,), overrides)()
+
+
+def untuned(backend: Any) -> Any:
+    """``backend`` searching no shipped tables: every config comes from ``$MOE_CORE_CONFIG_DIR``
+    or the backend's default heuristics (tuned vs default)."""
+    return _variant(backend, "Untuned", config_dirs=lambda self: [])
 
 
 def with_fused_activation(backend: Any) -> Any:
-    """A fresh instance of ``backend``'s class with ``fuse_activation`` on (gemm1 applies the
-    activation in its epilogue; see :meth:`moe_core.Backend.fuses_activation`)."""
-    cls = type(backend)
-    return type(f"Fused{cls.__name__}", (cls,), {"fuse_activation": True})()
+    """``backend`` with ``fuse_activation`` on (gemm1 applies the activation in its epilogue;
+    see :meth:`moe_core.Backend.fuses_activation`)."""
+    return _variant(backend, "Fused", fuse_activation=True)
 
 
 def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float, act_bytes: int,
@@ -210,8 +214,9 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
             weights = moe_core.ExpertWeights(q1, q2, quant=moe_core.QuantSpec.fp8_w8a8(s1, s2, block_shape=(128, 128)))
         runner = moe_core.MoERunner(layer, backend=backend)
         bf16_runner = moe_core.MoERunner(layer, backend=backend)
-        default_runner = moe_core.MoERunner(layer, backend=untuned(runner.backend_for(weights.quant)))
-        fused_runner = moe_core.MoERunner(layer, backend=with_fused_activation(runner.backend_for(weights.quant)))
+        ours = runner.backend_for(weights.quant)
+        default_runner = moe_core.MoERunner(layer, backend=untuned(ours))
+        fused_runner = moe_core.MoERunner(layer, backend=with_fused_activation(ours))
         bf16_weights = moe_core.ExpertWeights(w1, w2)
         for M in tokens:
             x = torch.randn(M, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10

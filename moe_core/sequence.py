@@ -112,9 +112,9 @@ def _map_ids(plan: Plan, topk_ids: torch.Tensor, n_valid: int | torch.Tensor | N
 def _gemm(plan: Plan, which: int, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
           bias: torch.Tensor | None, topk_weights: torch.Tensor,
           aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor], top_k: int, mul_routed_weight: bool,
-          config: Mapping[str, Any], fused: dict[str, Any] | None = None) -> torch.Tensor:
+          config: Mapping[str, Any], activation: MoELayer | None = None) -> torch.Tensor:
     """Steps 4 / 7: gemm ``which`` (1 or 2) into ``out``; w8a8 quantizes ``a`` first, into a separate buffer.
-    ``fused``: ``{"activation": layer}`` when gemm1 applies the activation (``out`` is ``act``)."""
+    ``activation``: the layer, when gemm1 applies its activation (``out`` is ``act``)."""
     quant = plan.quant
     a_scale = None
     if quant.is_w8a8:
@@ -126,7 +126,7 @@ def _gemm(plan: Plan, which: int, a: torch.Tensor, w: torch.Tensor, out: torch.T
                           w_zp=getattr(quant, f"w{which}_zp"), bias=bias, topk_weights=topk_weights,
                           sorted_token_ids=sorted_ids, expert_ids=expert_ids, num_tokens_post_padded=n_post,
                           top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=dict(config),
-                          **(fused or {}))
+                          **({} if activation is None else {"activation": activation}))
     return out
 
 
@@ -159,7 +159,7 @@ def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch
     if plan.fused_activation:      # steps 4-6 in one kernel: no hook needs gate_up
         _gemm(plan, 1, x, w1, act, bias=weights.b1, topk_weights=topk_weights, aligned=aligned, top_k=k,
               mul_routed_weight=layer.apply_router_weight_on_input, config=plan.config,
-              fused={"activation": layer})
+              activation=layer)
     else:
         gate_up = torch.empty((S, N), dtype=x.dtype, device=x.device)
         _gemm(plan, 1, x, w1, gate_up, bias=weights.b1, topk_weights=topk_weights, aligned=aligned, top_k=k,

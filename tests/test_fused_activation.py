@@ -59,15 +59,12 @@ def _case(act, gated, layout, alpha, limit, *, M=7, E=5, k=2, H=72, I=40, bias=F
     return layer, x, w1, w2, b1, b2, tw, ti
 
 
-def _oracle(layer, x, w1, w2, b1, b2, tw, ti, quant=None, round_to=None):
+def _oracle(layer, x, w1, w2, b1, b2, tw, ti, quant=None):
+    """float64, no intermediate rounding: the fused epilogue keeps gate and up in fp32."""
     return oracle_moe(x, w1, w2, tw, ti, activation=layer.activation, is_gated=layer.is_gated,
-                      gate_up_layout=layout_of(layer), alpha=layer.gemm1_alpha, limit=layer.gemm1_limit,
+                      gate_up_layout=layer.gate_up_layout, alpha=layer.gemm1_alpha, limit=layer.gemm1_limit,
                       b1=b1, b2=b2, apply_router_weight_on_input=layer.apply_router_weight_on_input,
-                      quant=quant, round_intermediate=round_to)
-
-
-def layout_of(layer: MoELayer) -> str:
-    return layer.gate_up_layout
+                      quant=quant)
 
 
 @pytest.mark.parametrize("act,gated,layout,alpha,limit", ACTS)
@@ -92,8 +89,7 @@ def test_fused_fp16_with_bias_and_odd_tiles(act, gated, layout, alpha, limit) ->
     cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2}
     with moe_core.override_config(cfg):                      # gated: 16 act columns per program
         out = MoERunner(layer, backend=Fused()).run(x, weights, tw, ti)
-    # the fused epilogue keeps gate/up in fp32 (the plain path rounds them): oracle without rounding
-    ref = _oracle(layer, x, w1.half().float(), w2.half().float(), b1, b2, tw, ti, round_to=None)
+    ref = _oracle(layer, x, w1.half().float(), w2.half().float(), b1, b2, tw, ti)
     assert_close_normalized(out, ref, *tolerance_for(torch.float16), topk_ids=ti)
 
 
