@@ -34,6 +34,7 @@ from typing import Any
 os.environ.pop("TRITON_INTERPRET", None)          # real JIT functions, not the interpreter's
 
 import torch  # noqa: E402
+from _kernels import replace_kernels  # noqa: E402 - benchmarks/ is the script's folder
 
 
 def _cuobjdump() -> str:
@@ -85,40 +86,21 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, capability: int) -> d
             "warps": options.num_warps, "stages": options.num_stages}
 
 
-class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel and records each launch instead of running it."""
-
-    def __init__(self, kernel: Any, name: str, sink: list) -> None:
-        self.kernel, self.name, self.sink = kernel, name, sink
-
-    def __getitem__(self, grid: Any):
-        def launch(*args: Any, **kwargs: Any) -> None:
-            self.sink.append((self.name, self.kernel, args, kwargs))
-        return launch
-
-
-_LAUNCHES: list = []      # one list: the recorders stay in place across forwards
+_LAUNCHES: list = []      # (name, kernel, args, kwargs) of the current forward
 
 
 def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, fp8: bool = False,
                    fuse: bool = False) -> list:
     """The kernel launches of one forward of ``model`` at ``M`` tokens, as a CUDA run makes them."""
     import importlib
-    import pkgutil
 
     import moe_core
-    import moe_core.kernels
     from moe_core.backends.cuda import CudaBackend
     from moe_core.presets import PRESETS
 
     launches = _LAUNCHES
     launches.clear()
-    for info in pkgutil.iter_modules(moe_core.kernels.__path__, "moe_core.kernels."):
-        module = importlib.import_module(info.name)
-        for name in dir(module):
-            obj = getattr(module, name)
-            if name.endswith("_kernel") and hasattr(obj, "signature") and hasattr(obj, "params"):
-                setattr(module, name, _Recorder(obj, name, launches))
+    replace_kernels(lambda *launch: _LAUNCHES.append(launch))
     # the wrappers take CPU tensors for the interpreter and add its fp32 paths; a CUDA launch has none
     import moe_core.kernels._launch as launch_helpers
     import moe_core.kernels.gemm as gemm
