@@ -1,4 +1,5 @@
-"""GPU numerics of the ``cuda`` backend (TESTING.md §5, §7, §8; marker ``gpu``).
+"""GPU numerics of the ``cuda`` backend (TESTING.md §5, §7, §8; marker ``gpu``), every shipped
+config forced once and deterministic mode included.
 
 Two-level oracle (TESTING.md §1): the torch backend on the GPU (fp32 math) is first
 checked against the float64 loop on small shapes; it then serves as the reference for
@@ -6,6 +7,9 @@ the large grids. Outputs are NaN-poisoned before every run (``nan_empty``).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _data(M: int, H: int, N: int, E: int, k: int, dtype: torch.dtype, seed: int, *,
@@ -233,10 +238,11 @@ def _sampled_rows(M: int, n: int = 1024) -> torch.Tensor:
     return torch.cat([torch.tensor([0, M - 1]), rows]).unique().to(DEV)
 
 
-@pytest.mark.parametrize("M", [65537])
-def test_overflow_activations(M):
-    """M·k·N > 2^31: gate_up and down indices past int32 (int64 offsets)."""
-    H, I, E, k = 4096, 2048, 8, 8
+@pytest.mark.parametrize("M,H", [(65537, 4096), (70000, 4096), (131072, 4096), (40000, 7168)])
+def test_overflow_activations(M, H):
+    """M·k·N > 2^31: gate_up and down indices past int32 (int64 offsets); at H = 7168 ``down``
+    itself holds more than 2^31 elements."""
+    I, E, k = 2048, 8, 8
     assert M * k * 2 * I > 2 ** 31
     x, w1, w2, tw, ti = _data(M, H, 2 * I, E, k, torch.bfloat16, seed=12)
     out = moe_core.fused_experts(x, w1, w2, tw, ti, backend="cuda")
@@ -259,3 +265,44 @@ def test_overflow_expert_stride():
     out = moe_core.fused_experts(x, w1, w2, tw, ti, backend="cuda")
     ref = _torch_ref(x, w1, w2, tw, ti)
     assert_close_normalized(out, ref, *tolerance_for(torch.bfloat16))
+
+
+# -- each shipped config once (TESTING §5 core; bug class 12) ------------------------------
+def _shipped_entries() -> list[dict]:
+    """Distinct entries of the shipped tables of the running Triton version (all versions if none)."""
+    from moe_core.config_files import triton_folder
+
+    root = ROOT / "backends" / "cuda" / "configs"
+    folder = root / triton_folder()
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else sorted(root.glob("*/*.json"))
+    seen: dict[str, dict] = {}
+    for path in files:
+        for key, entry in json.loads(path.read_text()).items():
+            if key.isdigit():
+                cfg = {k: v for k, v in entry.items() if k != "USE_TMA"}
+                seen.setdefault(json.dumps(cfg, sort_keys=True), cfg)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("cfg", _shipped_entries(), ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_every_shipped_config_computes(cfg: dict, nan_empty) -> None:
+    """A tile config that silently writes zeros (or garbage) fails against the torch backend."""
+    x, w1, w2, tw, ti = _data(37, 320, 384, 8, 2, torch.bfloat16, seed=21)
+    with moe_core.override_config(cfg):
+        out = moe_core.fused_experts(x, w1, w2, tw, ti, backend="cuda")
+    assert_close_normalized(out, _torch_ref(x, w1, w2, tw, ti), *tolerance_for(torch.bfloat16),
+                            topk_ids=ti, config=cfg)
+
+
+# -- deterministic mode (TESTING §5) --------------------------------------------------------
+def test_deterministic_mode_bitwise_and_independent_of_M(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_CORE_DETERMINISTIC", "1")
+    x, w1, w2, tw, ti = _data(4096, 512, 512, 16, 4, torch.bfloat16, seed=22)
+    first_rows = []
+    for M in (1, 33, 4096):
+        outs = [moe_core.fused_experts(x[:M], w1, w2, tw[:M], ti[:M], backend="cuda") for _ in range(5)]
+        for again in outs[1:]:
+            assert torch.equal(outs[0], again), f"M={M}: repeats differ"
+        first_rows.append(outs[0][:1])
+    assert torch.equal(first_rows[0], first_rows[1]) and torch.equal(first_rows[0], first_rows[2]), \
+        "token 0's output depends on the batch size in deterministic mode"

@@ -1,18 +1,13 @@
-"""GPU robustness of the ``cuda`` backend (TESTING.md §5 rows "core: each shipped config",
-"determinism", "cache race", "overflow", "sanitizer"; bug classes 1, 12, 15).
+"""GPU robustness of the ``cuda`` backend across processes (TESTING.md §5 rows "cache race" and
+"sanitizer"; bug class 15), each case in its own subprocess:
 
-- every distinct entry of the shipped tables forced once through ``override_config`` on a
-  small case, against the torch backend (a tile config that silently writes zeros fails);
-- deterministic mode: five repeats bitwise equal, and a token's output independent of M;
 - four processes compiling the same kernels into one fresh ``TRITON_CACHE_DIR`` at once;
-- the remaining overflow sizes of §7 (M·k·N past 2^31), sampled rows;
 - ``compute-sanitizer`` (marker ``sanitizer``; not in the plain GPU run:
   ``bash tools/gpu_check.sh LOGDIR -m sanitizer``) on ten small cases, each in a subprocess.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,60 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import moe_core
-from moe_core.testing import assert_close_normalized, tolerance_for
 
 pytestmark = pytest.mark.gpu
-
-DEV = "cuda"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _data(M: int, H: int, I: int, E: int, k: int, seed: int, dtype=torch.bfloat16):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    x = (torch.randn(M, H, generator=g, device=DEV) / 10).to(dtype)
-    w1 = (torch.randn(E, 2 * I, H, generator=g, device=DEV) / 10).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=g, device=DEV) / 10).to(dtype)
-    tw, ti = moe_core.select_experts(torch.randn(M, E, generator=g, device=DEV), top_k=k)
-    return x, w1, w2, tw, ti
-
-
-def _shipped_entries() -> list[dict]:
-    """Distinct entries of the shipped tables of the running Triton version (all versions if none)."""
-    from moe_core.config_files import triton_folder
-
-    root = ROOT / "backends" / "cuda" / "configs"
-    folder = root / triton_folder()
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else sorted(root.glob("*/*.json"))
-    seen: dict[str, dict] = {}
-    for path in files:
-        for key, entry in json.loads(path.read_text()).items():
-            if key.isdigit():
-                cfg = {k: v for k, v in entry.items() if k != "USE_TMA"}
-                seen.setdefault(json.dumps(cfg, sort_keys=True), cfg)
-    return list(seen.values())
-
-
-@pytest.mark.parametrize("cfg", _shipped_entries(), ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_every_shipped_config_computes(cfg: dict, nan_empty) -> None:
-    x, w1, w2, tw, ti = _data(M=37, H=320, I=192, E=8, k=2, seed=21)
-    with moe_core.override_config(cfg):
-        out = moe_core.fused_experts(x, w1, w2, tw, ti, backend="cuda")
-    ref = moe_core.fused_experts(x, w1, w2, tw, ti, backend="torch")
-    assert_close_normalized(out, ref, *tolerance_for(torch.bfloat16), topk_ids=ti, config=cfg)
-
-
-def test_deterministic_mode_bitwise_and_independent_of_M(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOE_CORE_DETERMINISTIC", "1")
-    x, w1, w2, tw, ti = _data(M=4096, H=512, I=256, E=16, k=4, seed=22)
-    first_rows = []
-    for M in (1, 33, 4096):
-        outs = [moe_core.fused_experts(x[:M], w1, w2, tw[:M], ti[:M], backend="cuda") for _ in range(5)]
-        for again in outs[1:]:
-            assert torch.equal(outs[0], again), f"M={M}: repeats differ"
-        first_rows.append(outs[0][:1])
-    assert torch.equal(first_rows[0], first_rows[1]) and torch.equal(first_rows[0], first_rows[2]), \
-        "token 0's output depends on the batch size in deterministic mode"
 
 
 _RACE_SCRIPT = textwrap.dedent("""
@@ -104,26 +47,6 @@ def test_four_processes_share_a_fresh_triton_cache(tmp_path: Path) -> None:
         assert p.returncode == 0, log[-3000:]
     outs = [torch.load(tmp_path / f"out{i}.pt") for i in range(4)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
-
-
-def _sampled_rows(M: int, n: int = 1024) -> torch.Tensor:
-    g = torch.Generator().manual_seed(M)
-    rows = torch.randperm(M, generator=g)[:n - 2]
-    return torch.cat([torch.tensor([0, M - 1]), rows]).unique().to(DEV)
-
-
-@pytest.mark.parametrize("M,H,I,k", [(70000, 4096, 2048, 8), (131072, 4096, 2048, 8), (40000, 7168, 2048, 8)])
-def test_overflow_sizes(M: int, H: int, I: int, k: int) -> None:
-    """M·k·N past 2^31 (and ``down`` past 2^31 elements at H = 7168): sampled rows, every row finite."""
-    assert M * k * 2 * I > 2 ** 31
-    x, w1, w2, tw, ti = _data(M, H, I, E=8, k=k, seed=23)
-    out = moe_core.fused_experts(x, w1, w2, tw, ti, backend="cuda")
-    assert torch.isfinite(out).all()
-    rows = _sampled_rows(M)
-    ref = moe_core.fused_experts(x[rows], w1, w2, tw[rows], ti[rows], backend="torch")
-    assert_close_normalized(out[rows], ref, *tolerance_for(torch.bfloat16))
-    del out, x, w1, w2
-    torch.cuda.empty_cache()
 
 
 _SANITIZE_SCRIPT = textwrap.dedent("""
