@@ -7,6 +7,7 @@
 # usage: tools/gpu_verify.sh [LOG_DIR] [PYTEST_WORKERS]
 #   LOG_DIR defaults to $OUT, else ./gpu_logs. At most 8 files land there (the device tool's
 #   limit): gpu_check.log, junit.xml, cli.log, bench.tgz, hf_bench.log.
+# SKIP_HF=1 / SKIP_FP8=1 leave out the transformers patch benchmark / the fp8 benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${1:-${OUT:-./gpu_logs}}"
@@ -36,6 +37,6 @@ grep -E "^(model|backend|normalised|PASS|FAIL)" "$CLI"
 BENCH=bench_out
 keep() { tar czf "$LOG_DIR/bench.tgz" "$BENCH" 2>/dev/null; }   # after each step: a later kill keeps it
 step "${BENCH_BF16_S:-170}" "$CLI" python3 -m moe_core bench --compare-default --compare-fused --out "$BENCH"; keep
-step 60 "$LOG_DIR/hf_bench.log" python3 benchmarks/hf_patch_bench.py --json "$BENCH/hf_bench.json"; keep
-step "${BENCH_FP8_S:-90}" "$CLI" python3 -m moe_core bench --dtype fp8 --tokens 1,64,256,1024,4096 --out "$BENCH"; keep
+[ -n "${SKIP_HF:-}" ] || step 60 "$LOG_DIR/hf_bench.log" python3 benchmarks/hf_patch_bench.py --json "$BENCH/hf_bench.json"; keep
+[ -n "${SKIP_FP8:-}" ] || step "${BENCH_FP8_S:-90}" "$CLI" python3 -m moe_core bench --dtype fp8 --tokens 1,64,256,1024,4096 --out "$BENCH"; keep
 cat "$BENCH"/bench_*.md 2>/dev/null
