@@ -14,7 +14,7 @@ from moe_core.backend import BASE_CONFIG_KEYS
 from moe_core.errors import ConfigError
 from moe_core.reference import TorchBackend
 from moe_core.spec import QuantSpec
-from moe_core.tune import TuneSpec, search_space, tune
+from moe_core.tune import TuneSpec, _default_config, search_space, tune
 
 SPEC = TuneSpec(E=4, I=64, H=128, top_k=2, act_dtype=torch.float32)
 FOLDER = config_files.triton_folder()
@@ -79,7 +79,9 @@ def fake_timer(backend: FakeBackend) -> Any:
 
 
 def expected_best(gemm: str, M: int, backend: FakeBackend, block_m: int | None = None) -> dict[str, Any]:
+    """The cheapest correct candidate, or the backend's default config where that is cheaper."""
     cands = search_space(SPEC, gemm, M, fast=True, has_tma=backend.tma, block_m=block_m)
+    cands.append(_default_config(backend, SPEC, gemm, M, block_m))
     ok = [c for c in cands if not FakeBackend.broken(c) and not FakeBackend.wrong(c)]
     return min(ok, key=cost)
 
@@ -135,6 +137,23 @@ def test_tune_picks_fastest_correct_candidate_and_writes_loadable_files(
                                  quant=QuantSpec.none(), has_hooks=False)
     assert res.config == up["64"] and res.down_config == down["64"]
     assert res.why["gemm1"]["file"] == str(up_path) and res.why["gemm2"]["file"] == str(down_path)
+
+
+@pytest.mark.parametrize("default_fastest", [True, False])
+def test_default_config_kept_when_it_beats_every_candidate(tmp_path: Path, default_fastest: bool) -> None:
+    """The fast space may miss the defaults' tile (fp8 at M = 128 on the H200 did): the table then
+    holds the default, never something slower."""
+    backend = FakeBackend()
+    default = _default_config(backend, SPEC, "up", 64, None)
+    assert default not in search_space(SPEC, "up", 64, fast=True)
+    bonus = -100.0 if default_fastest else 100.0
+    res = tune(backend, SPEC, out_dir=tmp_path, batch_sizes=[64], gemms=("up",), fast=True, progress=False,
+               timer=lambda fn: cost(backend.last) + (bonus if backend.last == default else 0.0))
+    r = res["up"][64]
+    assert r.default_won is default_fastest
+    assert (r.config == default) is default_fastest and r.time_ms <= r.default_ms
+    table = json.loads((tmp_path / FOLDER / "E=4,N=64,device_name=Fake_GPU,dtype=float32.json").read_text())
+    assert table["64"] == r.config
 
 
 def test_tune_resumes_from_partial_file(tmp_path: Path) -> None:
