@@ -167,6 +167,50 @@ def test_quantized_vs_oracle(scheme, opts, dtype, nan_empty):
     assert_close_quant(out, ref, quant, scheme=scheme, opts=opts)
 
 
+@pytest.mark.parametrize("bn", [16, 32, 64])
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_block_fp8_weight_scale_per_program_and_per_column(bn, activation, fuse, nan_empty):
+    """Block w8a8 with [bn_q, bk] = [32, 64]: tiles inside one scale block load one weight scale
+    per K block (``W_SCALE_UNIFORM``), wider ones one per column; gated fused programs need
+    both halves (or both interleaved rows) inside a block. Every combination matches the oracle."""
+    _needs_interpreter()
+    from moe_core.kernels.gemm import _block_scale_uniform
+    from moe_core.testing.quantize_weights import quantize_layer
+    from moe_core.testing.tolerances import assert_close_quant
+
+    M, H, I, E, k = 11, 128, 96, 4, 2
+    g = torch.Generator().manual_seed(bn + 7 * fuse + len(activation))
+    x = torch.randn(M, H, generator=g).to(torch.float16)
+    w1 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, I, generator=g) / I ** 0.5
+    tw, ti = moe_core.select_experts(torch.randn(M, E, generator=g), top_k=k)
+    w1q, w2q, quant = quantize_layer(w1, w2, "fp8_w8a8", block_shape=(32, 64))
+    oai = dict(gemm1_alpha=1.702, gemm1_limit=7.0) if activation == "swiglu_oai" else {}
+    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, activation=activation,
+                     **oai)
+
+    class Backend(InterpCuda):
+        fuse_activation = fuse
+        fuse_activation_max_tile = None
+
+    runner = MoERunner(layer, backend=Backend())
+    with moe_core.override_config(_cfg(16, bn=bn, bk=32)):
+        out = runner.run(x, ExpertWeights(w1q, w2q, quant=quant), tw, ti)
+    assert runner._last_plan.fused_activation is fuse
+    ref = oracle_moe(x, w1q, w2q, tw, ti, quant=quant, activation=activation,
+                     gate_up_layout=layer.gate_up_layout, alpha=layer.gemm1_alpha, limit=layer.gemm1_limit,
+                     round_intermediate=torch.float16)
+    assert_close_quant(out, ref, quant, scheme="fp8_w8a8", opts={"block_shape": (32, 64)})
+    # which path ran: gemm1 (fused programs cover bn / 2 act columns) and gemm2
+    act = layer if fuse else None
+    bn1 = max(16, bn // 2) if fuse else bn
+    expect1 = {16: True, 32: True, 64: False}[bn] if not fuse else (
+        32 % (2 * bn1) == 0 if activation == "swiglu_oai" else 32 % bn1 == 0 and I % 32 == 0)
+    assert _block_scale_uniform(32, bn1, I if fuse else 2 * I, act) is expect1
+    assert _block_scale_uniform(32, bn, H, None) is (bn <= 32)
+
+
 # -- C-special: routings -------------------------------------------------------------
 def test_m1_k1(nan_empty):
     _needs_interpreter()

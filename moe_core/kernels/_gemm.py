@@ -20,8 +20,10 @@ Quantization modes (``QUANT``, a constexpr):
 Fused activation (``FUSE_ACT``, gemm1 only, when no hook needs ``gate_up``): the program's
 ``BLOCK_SIZE_N`` columns are columns of ``act`` (``N`` = its width). Gated (``FUSE_ACT == 1``):
 each program also computes the matching up columns (rows ``n + N`` of ``w``, or rows ``2n`` and
-``2n + 1`` when ``INTERLEAVED``) in a second accumulator and stores ``act(gate, up)`` from fp32;
-non-gated (``FUSE_ACT == 2``): ``act(acc)``. Off (``0``), the kernel is the plain GEMM.
+``2n + 1`` when ``INTERLEAVED``) in a second accumulator and stores ``act(gate, up)``;
+non-gated (``FUSE_ACT == 2``): ``act(acc)``. Gate and up are rounded to the output dtype before
+the activation, as the unfused path stores them, so the output is bitwise the unfused one.
+Off (``0``), the kernel is the plain GEMM.
 
 Every offset that scales with tokens, slots, experts or program ids is int64.
 """
@@ -122,6 +124,7 @@ def _grouped_gemm_kernel(
     HAS_LIMIT: tl.constexpr = False,
     ALPHA: tl.constexpr = 1.0,
     LIMIT: tl.constexpr = 0.0,
+    W_SCALE_UNIFORM: tl.constexpr = False,
 ):
     # -- program -> (pid_m, pid_n), grouped along M -------------------------------------
     pid = tl.program_id(axis=0)
@@ -178,9 +181,20 @@ def _grouped_gemm_kernel(
         if FUSE_ACT == 1:
             w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + rows_u * stride_wsn
     if QUANT == 2:
-        w_scale_cols = w_scale_ptr + off_expert * stride_wse + (rows_g // group_n) * stride_wsn
-        if FUSE_ACT == 1:
-            w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + (rows_u // group_n) * stride_wsn
+        if W_SCALE_UNIFORM:
+            # the program's weight rows lie in one [bn] block (gate rows in one, up rows in one):
+            # one weight scale per K block, folded into the row scales (a third of the epilogue)
+            row0 = pid_n.to(tl.int64) * BLOCK_SIZE_N
+            if FUSE_ACT == 1 and INTERLEAVED:
+                row0 = row0 * 2
+            w_scale_cols = w_scale_ptr + off_expert * stride_wse + (row0 // group_n) * stride_wsn
+            if FUSE_ACT == 1:
+                row0_u = row0 + 1 if INTERLEAVED else row0 + N
+                w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + (row0_u // group_n) * stride_wsn
+        else:
+            w_scale_cols = w_scale_ptr + off_expert * stride_wse + (rows_g // group_n) * stride_wsn
+            if FUSE_ACT == 1:
+                w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + (rows_u // group_n) * stride_wsn
 
     # 5. K loop, fp32 accumulation, K tail masked
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
@@ -207,11 +221,16 @@ def _grouped_gemm_kernel(
         if QUANT == 2:
             kg = (kb * BLOCK_SIZE_K) // group_k
             a_s = tl.load(a_scale_rows + kg * stride_ask, mask=token_mask, other=0.0)
-            w_s = tl.load(w_scale_cols + kg * stride_wsk)
-            acc += part * a_s[:, None] * w_s[None, :]
-            if FUSE_ACT == 1:
-                w_s_u = tl.load(w_scale_cols_u + kg * stride_wsk)
-                acc_u += part_u * a_s[:, None] * w_s_u[None, :]
+            if W_SCALE_UNIFORM:
+                acc += part * (a_s * tl.load(w_scale_cols + kg * stride_wsk))[:, None]
+                if FUSE_ACT == 1:
+                    acc_u += part_u * (a_s * tl.load(w_scale_cols_u + kg * stride_wsk))[:, None]
+            else:
+                w_s = tl.load(w_scale_cols + kg * stride_wsk)
+                acc += part * a_s[:, None] * w_s[None, :]
+                if FUSE_ACT == 1:
+                    w_s_u = tl.load(w_scale_cols_u + kg * stride_wsk)
+                    acc_u += part_u * a_s[:, None] * w_s_u[None, :]
         else:
             acc += part
             if FUSE_ACT == 1:
@@ -242,10 +261,13 @@ def _grouped_gemm_kernel(
         acc = acc * tw[:, None]
         if FUSE_ACT == 1:
             acc_u = acc_u * tw[:, None]
-    # fused activation of SEMANTICS §4.3, from the fp32 accumulators
+    # fused activation of SEMANTICS §4.3. gate_up is rounded to the compute dtype first, as the
+    # unfused path stores it, so fusing changes no bit of the output (hook neutrality, §8)
     if FUSE_ACT == 1:
-        acc = _gated(acc, acc_u, ALPHA, LIMIT, ACT, HAS_LIMIT)
+        g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        u = acc_u.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = _gated(g, u, ALPHA, LIMIT, ACT, HAS_LIMIT)
     elif FUSE_ACT == 2:
-        acc = _plain(acc, ACT)
+        acc = _plain(acc.to(out_ptr.dtype.element_ty).to(tl.float32), ACT)
     # 9./10. cast once, store the slot rows
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -91,6 +91,20 @@ def _fused_act_args(layer: MoELayer | None) -> dict[str, Any]:
             "LIMIT": float(limit if limit is not None else 0.0)}
 
 
+def _block_scale_uniform(group_n: int, BN: int, N: int, activation: MoELayer | None) -> bool:
+    """Whether every program's weight rows fall in one ``[bn]`` scale block (per half when the
+    gated activation is fused), so the kernel loads one weight scale per K block.
+
+    ``BN`` is the program's output columns and ``N`` the output width; columns past ``N`` wrap
+    and are never stored, so their scale does not matter.
+    """
+    if activation is None or not activation.is_gated:
+        return group_n % BN == 0
+    if activation.gate_up_layout == "interleaved":    # rows 2n and 2n + 1
+        return group_n % (2 * BN) == 0
+    return group_n % BN == 0 and N % group_n == 0   # up rows n + N start a block too
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                  a_scale: torch.Tensor | None, w_scale: torch.Tensor | None, w_zp: torch.Tensor | None,
                  bias: torch.Tensor | None, topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor,
@@ -137,11 +151,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     if gated:
         BN = max(16, BN // 2)
     group_n = group_k = 0
+    w_scale_uniform = False
     if mode == 2:
         group_n, group_k = quant.block_shape
         if group_k % BK:
             raise MoEInputError(f"grouped_gemm: config: BLOCK_SIZE_K = {BK} must divide the block "
                                 f"quantization's bk = {group_k}")
+        w_scale_uniform = _block_scale_uniform(group_n, BN, N, activation)
     elif mode in (4, 5):
         group_k = quant.group_size
     if mode == 5 and K % 2:
@@ -202,6 +218,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         BLOCK_SIZE_K=BK,
         GROUP_SIZE_M=config.get("GROUP_SIZE_M", 1),
         **_fused_act_args(activation),
+        **({"W_SCALE_UNIFORM": True} if w_scale_uniform else {}),
         **extra,
     )
     return out
