@@ -47,26 +47,28 @@ def eager_wall(fn, reps: int = 50) -> float:
 
 def main() -> None:
     import moe_core
-    from moe_core.bench import random_weights, time_graph
+    from moe_core.bench import fp8_block_weights, random_weights, time_graph
     from moe_core.presets import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b")
     p.add_argument("--tokens", default="1,64,4096")
     p.add_argument("--backend", default="cuda")
+    p.add_argument("--dtype", choices=("bfloat16", "fp8"), default="bfloat16",
+                   help="bf16 weights, or fp8 block [128,128] w8a8 (bf16 activations either way)")
     p.add_argument("--out", default=None, help="also write the Markdown here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"triton {__import__('triton').__version__}", ""]
+             f"triton {__import__('triton').__version__}, weights {args.dtype}", ""]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in args.models.split(","):
         preset = PRESETS[model]
         layer = preset.layer()
         E, H = layer.num_local_experts, layer.hidden_size
         w1, w2 = random_weights(layer, gen)
-        weights = moe_core.ExpertWeights(w1, w2)
+        weights = fp8_block_weights(w1, w2) if args.dtype == "fp8" else moe_core.ExpertWeights(w1, w2)
         runner = moe_core.MoERunner(layer, backend=args.backend)
         for M in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(M, H, device="cuda", generator=gen, dtype=torch.bfloat16) / 10

@@ -119,8 +119,11 @@ class Backend:
         """Opt-in shared memory per block in bytes, or None when unknown / irrelevant."""
         return None
 
-    def fuses_activation(self, layer: MoELayer, quant: QuantSpec) -> bool:
+    def fuses_activation(self, layer: MoELayer, quant: QuantSpec, config: dict[str, Any]) -> bool:
         """Whether gemm1 applies the activation itself (step 6 inside step 4).
+
+        :param config: gemm1's resolved launch config for this forward (the tile decides
+            whether fusing pays on some devices).
 
         Asked only when no ``moe_core_after_gate_up`` hook is registered (a hook must see
         ``gate_up``). When True, the sequence calls ``gemm(..., activation=layer)`` with

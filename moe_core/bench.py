@@ -28,14 +28,14 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "random_weights", "roofline",
-           "run_bench", "untuned", "with_fused_activation"]
+__all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "random_weights", "fp8_block_weights",
+           "roofline", "run_bench", "untuned", "with_fused_activation"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-20b")
 DEFAULT_TOKENS = (1, 8, 64, 256, 1024, 4096, 16384)
-IMPLS = ("ours", "ours_fused", "ours_default", "ours_bf16", "grouped_mm", "naive")   # column order of tables and plots
+IMPLS = ("ours", "ours_unfused", "ours_fused", "ours_default", "ours_bf16", "grouped_mm", "naive")   # column order of tables and plots
 REGIMES = {"decode": (1, 8, 64), "middle": (256, 1024), "prefill": (4096, 16384)}
 
 
@@ -146,6 +146,16 @@ def random_weights(layer: Any, gen: torch.Generator) -> tuple[torch.Tensor, torc
     return w1, w2
 
 
+def fp8_block_weights(w1: torch.Tensor, w2: torch.Tensor) -> Any:
+    """``ExpertWeights`` of ``w1``/``w2`` quantized to fp8 e4m3 w8a8 with [128, 128] weight blocks."""
+    import moe_core
+    from moe_core.testing.quantize_weights import quantize_w8a8
+
+    q1, s1 = quantize_w8a8(w1, torch.float8_e4m3fn, block_shape=(128, 128))
+    q2, s2 = quantize_w8a8(w2, torch.float8_e4m3fn, block_shape=(128, 128))
+    return moe_core.ExpertWeights(q1, q2, quant=moe_core.QuantSpec.fp8_w8a8(s1, s2, block_shape=(128, 128)))
+
+
 def _variant(backend: Any, prefix: str, **overrides: Any) -> Any:
     """A fresh instance of a subclass of ``backend``'s class with ``overrides`` as class attributes."""
     cls = type(backend)
@@ -158,10 +168,13 @@ def untuned(backend: Any) -> Any:
     return _variant(backend, "Untuned", config_dirs=lambda self: [])
 
 
-def with_fused_activation(backend: Any) -> Any:
-    """``backend`` with ``fuse_activation`` on (gemm1 applies the activation in its epilogue;
-    see :meth:`moe_core.Backend.fuses_activation`)."""
-    return _variant(backend, "Fused", fuse_activation=True)
+def with_fused_activation(backend: Any, fused: bool = True) -> Any:
+    """``backend`` with the activation fused into gemm1's epilogue at every tile (``fused``) or
+    at none (see :meth:`moe_core.Backend.fuses_activation`); ``backend`` itself may fuse at
+    some tiles only (``fuse_activation_max_tile``)."""
+    if fused:
+        return _variant(backend, "Fused", fuse_activation=True, fuse_activation_max_tile=None)
+    return _variant(backend, "Unfused", fuse_activation=False)
 
 
 def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float, act_bytes: int,
@@ -182,8 +195,9 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
 
     :param compare_default: also time ``ours_default``, our backend without its shipped
         tuned tables, to show what the tables buy.
-    :param compare_fused: also time ``ours_fused``, our backend with the activation fused into
-        gemm1 (same tables), checked against the oracle like the others.
+    :param compare_fused: also time ``ours_unfused`` and ``ours_fused``, our backend with the
+        activation fused into gemm1 at no tile and at every tile (same tables), checked
+        against the oracle like the others.
     """
     import moe_core
     from moe_core.presets import PRESETS
@@ -207,15 +221,12 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
         weights = moe_core.ExpertWeights(w1, w2)
         wbytes = 1.0 if dtype == "fp8" else 2.0
         if dtype == "fp8":
-            from moe_core.testing.quantize_weights import quantize_w8a8
-
-            q1, s1 = quantize_w8a8(w1, torch.float8_e4m3fn, block_shape=(128, 128))
-            q2, s2 = quantize_w8a8(w2, torch.float8_e4m3fn, block_shape=(128, 128))
-            weights = moe_core.ExpertWeights(q1, q2, quant=moe_core.QuantSpec.fp8_w8a8(s1, s2, block_shape=(128, 128)))
+            weights = fp8_block_weights(w1, w2)
         runner = moe_core.MoERunner(layer, backend=backend)
         bf16_runner = moe_core.MoERunner(layer, backend=backend)
         ours = runner.backend_for(weights.quant)
         default_runner = moe_core.MoERunner(layer, backend=untuned(ours))
+        unfused_runner = moe_core.MoERunner(layer, backend=with_fused_activation(ours, False))
         fused_runner = moe_core.MoERunner(layer, backend=with_fused_activation(ours))
         bf16_weights = moe_core.ExpertWeights(w1, w2)
         for M in tokens:
@@ -230,6 +241,7 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
             if compare_default:
                 impls["ours_default"] = lambda: default_runner.run(x, weights, tw, ti)
             if compare_fused:
+                impls["ours_unfused"] = lambda: unfused_runner.run(x, weights, tw, ti)
                 impls["ours_fused"] = lambda: fused_runner.run(x, weights, tw, ti)
             if dtype == "fp8":
                 impls["ours_bf16"] = lambda: bf16_runner.run(x, bf16_weights, tw, ti)

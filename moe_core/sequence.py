@@ -57,7 +57,7 @@ def prepare(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
         backend, M=M, E=E, I=layer.intermediate_size, H=layer.hidden_size, top_k=layer.top_k,
         act_dtype=x.dtype, quant=weights.quant, has_hooks=hooks.any)
     validate.check_resolved_configs(resolved.config, resolved.down_config)
-    fused = hooks.after_gate_up is None and backend.fuses_activation(layer, weights.quant)
+    fused = hooks.after_gate_up is None and backend.fuses_activation(layer, weights.quant, resolved.config)
     return Plan(backend=backend, layer=layer, quant=weights.quant, config=resolved.config,
                 down_config=resolved.down_config, hooks=hooks, why=resolved.why, fused_activation=fused)
 

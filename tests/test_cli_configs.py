@@ -95,7 +95,12 @@ def test_bench_untuned_backend_skips_shipped_tables() -> None:
     default = resolve(plain)
     assert default.why["gemm1"]["source"] == default.why["gemm2"]["source"] == "default"
     assert default.config == plain.default_config(64, 128, 2 * 768, 2048, 8, None, None)
-    fused = bench.with_fused_activation(CudaBackend())           # --compare-fused: same tables, fused act
-    assert isinstance(fused, CudaBackend) and fused.fuses_activation(None, QuantSpec.none())
-    assert not CudaBackend().fuses_activation(None, QuantSpec.none())
-    assert resolve(fused).config == tuned.config
+    small, wide = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64}, {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256}
+    cuda, none = CudaBackend(), QuantSpec.none()
+    assert cuda.fuses_activation(None, none, small) and not cuda.fuses_activation(None, none, wide)
+    fused = bench.with_fused_activation(cuda)                    # --compare-fused: same tables, every tile
+    unfused = bench.with_fused_activation(cuda, fused=False)     # ... and none
+    assert isinstance(fused, CudaBackend) and isinstance(unfused, CudaBackend)
+    assert fused.fuses_activation(None, none, small) and fused.fuses_activation(None, none, wide)
+    assert not unfused.fuses_activation(None, none, small)
+    assert resolve(fused).config == resolve(unfused).config == tuned.config

@@ -91,6 +91,9 @@ def test_fused_fp16_with_bias_and_odd_tiles(act, gated, layout, alpha, limit) ->
         out = MoERunner(layer, backend=Fused()).run(x, weights, tw, ti)
     ref = _oracle(layer, x, w1.half().float(), w2.half().float(), b1, b2, tw, ti)
     assert_close_normalized(out, ref, *tolerance_for(torch.float16), topk_ids=ti)
+    with moe_core.override_config(cfg):                      # gate_up rounded as the plain path stores it
+        plain = MoERunner(layer, backend=Plain()).run(x, weights, tw, ti)
+    assert torch.equal(out, plain)
 
 
 def test_fused_router_weight_on_input() -> None:

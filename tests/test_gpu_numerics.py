@@ -243,7 +243,7 @@ def test_overflow_activations(M, H):
     """M·k·N > 2^31: gate_up and down indices past int32 (int64 offsets); at H = 7168 ``down``
     itself holds more than 2^31 elements."""
     I, E, k = 2048, 8, 8
-    assert M * k * 2 * I > 2 ** 31
+    assert max(M * k * 2 * I, M * k * H) > 2 ** 31                # the case is past int32 somewhere
     x, w1, w2, tw, ti = _data(M, H, 2 * I, E, k, torch.bfloat16, seed=12)
     out = moe_core.fused_experts(x, w1, w2, tw, ti, backend="cuda")
     assert torch.isfinite(out).all()
@@ -306,3 +306,29 @@ def test_deterministic_mode_bitwise_and_independent_of_M(monkeypatch: pytest.Mon
         first_rows.append(outs[0][:1])
     assert torch.equal(first_rows[0], first_rows[1]) and torch.equal(first_rows[0], first_rows[2]), \
         "token 0's output depends on the batch size in deterministic mode"
+
+
+# -- fused activation (cuda fuses it into gemm1 up to 128x128 tiles) -------------------------
+@pytest.mark.parametrize("cfg", [
+    {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8, "num_stages": 3},
+], ids=["mma16x64", "wgmma64x128", "wgmma128x256"])
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+def test_fused_activation_is_bitwise_the_unfused_path(cfg, activation):
+    """Fusing must change no bit: a registered hook turns fusing off (it needs gate_up), and
+    hook neutrality (SEMANTICS §8) compares against the hook-free, fused forward."""
+    from moe_core.bench import with_fused_activation
+    from moe_core.backends.cuda import CudaBackend
+
+    M, H, I, E, k = 300, 1024, 512, 8, 2
+    x, w1, w2, tw, ti = _data(M, H, 2 * I, E, k, torch.bfloat16, seed=21)
+    oai = dict(gemm1_alpha=1.702, gemm1_limit=7.0) if activation == "swiglu_oai" else {}
+    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, activation=activation,
+                     **oai)
+    weights = ExpertWeights(w1, w2)
+    with moe_core.override_config(cfg):
+        fused = MoERunner(layer, backend=with_fused_activation(CudaBackend())).run(x, weights, tw, ti)
+        plain = MoERunner(layer, backend=with_fused_activation(CudaBackend(), False)).run(x, weights, tw, ti)
+    assert torch.isfinite(fused).all() and fused.abs().max() > 0
+    assert torch.equal(fused, plain)

@@ -67,9 +67,12 @@ class TritonBackend(Backend):
     priority = 0
     #: minimum (major, minor) compute capability for fp8 w8a8 on this platform; None: no fp8
     fp8_min_capability: tuple[int, int] | None = (8, 9)
-    #: gemm1 applies the activation in its epilogue when no hook needs ``gate_up``. Off until
-    #: measured on hardware (benchmarks/NOTES.md); the tuned tables were made without it.
+    #: gemm1 applies the activation in its epilogue when no hook needs ``gate_up``. Off here;
+    #: a backend turns it on once measured on its hardware (benchmarks/NOTES.md, attempt 6).
     fuse_activation: bool = False
+    #: with ``fuse_activation``, fuse only where gemm1's ``BLOCK_SIZE_M · BLOCK_SIZE_N`` is at
+    #: most this (None: every tile)
+    fuse_activation_max_tile: int | None = None
 
     # -- capability ------------------------------------------------------------------
     def is_available(self) -> tuple[bool, str]:
@@ -151,8 +154,11 @@ class TritonBackend(Backend):
                           "num_warps": 4, "num_stages": 2}
         return config
 
-    def fuses_activation(self, layer: MoELayer, quant: QuantSpec) -> bool:
-        return self.fuse_activation
+    def fuses_activation(self, layer: MoELayer, quant: QuantSpec, config: dict[str, Any]) -> bool:
+        if not self.fuse_activation:
+            return False
+        limit = self.fuse_activation_max_tile
+        return limit is None or config["BLOCK_SIZE_M"] * config["BLOCK_SIZE_N"] <= limit
 
     # -- steps -----------------------------------------------------------------------
     def align(self, topk_ids: torch.Tensor, block_m: int,
