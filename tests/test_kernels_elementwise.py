@@ -178,6 +178,30 @@ def test_quantize_bitwise_equal_to_torch(device: str, qdtype: torch.dtype, dtype
     assert torch.equal(_bits(q), _bits(rq)), "quantized values differ from moe_core.quant"
 
 
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("rows,K,per_channel,group_k", [
+    (300, 192, False, 64),        # several row blocks of 64, the last one partial
+    (37, 4500, True, None),       # a group wider than one 2048 block: the two-pass path
+    (5, 5000, False, 2500),       # two-pass with a short last group
+    (1, 128, False, 128),
+])
+def test_quantize_row_blocks_and_wide_groups(device: str, qdtype: torch.dtype, rows: int, K: int,
+                                             per_channel: bool, group_k: int | None) -> None:
+    """The per-token(-group) kernel quantizes several rows per program, and groups wider than
+    its block in two passes; both bitwise equal to :mod:`moe_core.quant`."""
+    from moe_core.kernels.quantize import quantize_activation
+
+    g = torch.Generator().manual_seed(rows + K)
+    a = (torch.randn(rows, K, generator=g) * 3).to(torch.float16)
+    a[rows // 2] = 0.0
+    a = a.to(device)
+    q, s = quantize_activation(a, qdtype=qdtype, per_channel=per_channel, group_k=group_k)
+    rq, rs = torch_quantize(a, _spec(qdtype, per_channel, group_k), None, fp8_dtype=qdtype)
+    assert torch.equal(s, rs), "scales differ"
+    assert torch.equal(_bits(q), _bits(rq)), "quantized values differ from moe_core.quant"
+
+
 def test_quantize_fnuz_and_empty() -> None:
     from moe_core.kernels.quantize import quantize_activation
 

@@ -82,24 +82,38 @@ def _quant_kernel(a_ptr, q_ptr, scale_ptr, scale_out_ptr, partial_ptr, n_partial
 
 @triton.jit
 def _quant_group_kernel(a_ptr, q_ptr, scale_out_ptr, rows, K, group_k, stride_ar, stride_qr, stride_sr,
-                        qmax, eps, IS_INT8: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, group): ``scale[row, g] = max(amax(a[row, g·gk:(g+1)·gk]), EPS) / qmax``."""
-    row = tl.program_id(0).to(tl.int64)
+                        qmax, eps, IS_INT8: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+                        ONE_PASS: tl.constexpr):
+    """Program (row block, group): ``scale[r, g] = max(amax(a[r, g·gk:(g+1)·gk]), EPS) / qmax``
+    for ``BLOCK_R`` rows. ``ONE_PASS`` (``group_k <= BLOCK``): the tile is loaded once and kept."""
+    pid_r = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1).to(tl.int64)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = r < rows
     lane = tl.arange(0, BLOCK).to(tl.int64)
     k_first = grp * group_k
-    src = a_ptr + row * stride_ar
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, group_k, BLOCK):
-        kk = k_first + off + lane
-        m = (off + lane < group_k) & (kk < K)
-        acc = tl.maximum(acc, tl.abs(tl.load(src + kk, mask=m, other=0.0).to(tl.float32)))
-    s = tl.math.div_rn(tl.maximum(tl.max(acc, 0), eps), qmax)
-    tl.store(scale_out_ptr + row * stride_sr + grp, s)
-    s_vec = tl.zeros([BLOCK], dtype=tl.float32) + s
-    for off in range(0, group_k, BLOCK):
-        kk = k_first + off + lane
-        m = (off + lane < group_k) & (kk < K)
-        a = tl.load(src + kk, mask=m, other=0.0).to(tl.float32)
-        y = _to_q(tl.math.div_rn(a, s_vec), qmax, IS_INT8)
-        tl.store(q_ptr + row * stride_qr + kk, y.to(q_ptr.dtype.element_ty), mask=m)
+    src = a_ptr + r[:, None] * stride_ar
+    dst = q_ptr + r[:, None] * stride_qr
+    if ONE_PASS:
+        kk = k_first + lane
+        m = row_ok[:, None] & ((lane < group_k) & (kk < K))[None, :]
+        a = tl.load(src + kk[None, :], mask=m, other=0.0).to(tl.float32)
+        s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), 1), eps), qmax)
+        tl.store(scale_out_ptr + r * stride_sr + grp, s, mask=row_ok)
+        y = _to_q(tl.math.div_rn(a, tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32) + s[:, None]), qmax, IS_INT8)
+        tl.store(dst + kk[None, :], y.to(q_ptr.dtype.element_ty), mask=m)
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+        for off in range(0, group_k, BLOCK):
+            kk = k_first + off + lane
+            m = row_ok[:, None] & ((off + lane < group_k) & (kk < K))[None, :]
+            acc = tl.maximum(acc, tl.abs(tl.load(src + kk[None, :], mask=m, other=0.0).to(tl.float32)))
+        s = tl.math.div_rn(tl.maximum(tl.max(acc, 1), eps), qmax)
+        tl.store(scale_out_ptr + r * stride_sr + grp, s, mask=row_ok)
+        s_tile = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32) + s[:, None]
+        for off in range(0, group_k, BLOCK):
+            kk = k_first + off + lane
+            m = row_ok[:, None] & ((off + lane < group_k) & (kk < K))[None, :]
+            a = tl.load(src + kk[None, :], mask=m, other=0.0).to(tl.float32)
+            y = _to_q(tl.math.div_rn(a, s_tile), qmax, IS_INT8)
+            tl.store(dst + kk[None, :], y.to(q_ptr.dtype.element_ty), mask=m)

@@ -94,9 +94,12 @@ def quantize_activation(a: torch.Tensor, *, qdtype: torch.dtype, per_channel: bo
         scale = torch.empty((rows, n_groups if group_k is not None else 1), dtype=torch.float32, device=device)
         if rows and K:
             block = min(next_power_of_2(gk), 2048)
-            _quant_group_kernel[(rows, n_groups)](
+            # ~4K elements per program: one program per (row, group of 128) left the GPU idle
+            # (H200, mixtral M=4096 fp8: 826 µs of a 5 ms forward; benchmarks/NOTES.md, attempt 7)
+            block_r = max(1, min(next_power_of_2(rows), 4096 // block))
+            _quant_group_kernel[(cdiv(rows, block_r), n_groups)](
                 a, target, scale, rows, K, gk, a.stride(0), target.stride(0), scale.stride(0),
-                qmax, EPS, IS_INT8=is_int8, BLOCK=block, num_warps=4)
+                qmax, EPS, IS_INT8=is_int8, BLOCK_R=block_r, BLOCK=block, ONE_PASS=gk <= block, num_warps=4)
         return finish(), scale
     # dynamic per tensor: launch 1 partial amax, launch 2 reduce + quantize
     if rows == 0 or K == 0:
