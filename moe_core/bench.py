@@ -146,13 +146,25 @@ def random_weights(layer: Any, gen: torch.Generator) -> tuple[torch.Tensor, torc
     return w1, w2
 
 
-def fp8_block_weights(w1: torch.Tensor, w2: torch.Tensor) -> Any:
-    """``ExpertWeights`` of ``w1``/``w2`` quantized to fp8 e4m3 w8a8 with [128, 128] weight blocks."""
+def fp8_block_weights(w1: torch.Tensor, w2: torch.Tensor, *, chunk_elems: int = 1 << 28) -> Any:
+    """``ExpertWeights`` of ``w1``/``w2`` quantized to fp8 e4m3 w8a8 with [128, 128] weight blocks.
+
+    Quantized a few experts at a time (about ``chunk_elems`` elements): the fp32 temporaries of
+    the whole of deepseek-v3's ``w1`` (7.5e9 elements) do not fit next to its weights.
+    """
     import moe_core
     from moe_core.testing.quantize_weights import quantize_w8a8
 
-    q1, s1 = quantize_w8a8(w1, torch.float8_e4m3fn, block_shape=(128, 128))
-    q2, s2 = quantize_w8a8(w2, torch.float8_e4m3fn, block_shape=(128, 128))
+    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        step = max(1, chunk_elems // max(1, w[0].numel()))
+        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+        scales = []
+        for start in range(0, w.shape[0], step):
+            q[start:start + step], s = quantize_w8a8(w[start:start + step], torch.float8_e4m3fn, block_shape=(128, 128))
+            scales.append(s)
+        return q, torch.cat(scales)
+
+    (q1, s1), (q2, s2) = quantize(w1), quantize(w2)
     return moe_core.ExpertWeights(q1, q2, quant=moe_core.QuantSpec.fp8_w8a8(s1, s2, block_shape=(128, 128)))
 
 

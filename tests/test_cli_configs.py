@@ -104,3 +104,20 @@ def test_bench_untuned_backend_skips_shipped_tables() -> None:
     assert fused.fuses_activation(None, none, small) and fused.fuses_activation(None, none, wide)
     assert not unfused.fuses_activation(None, none, small)
     assert resolve(fused).config == resolve(unfused).config == tuned.config
+
+
+def test_bench_fp8_weights_quantized_in_expert_chunks_equal_whole() -> None:
+    """deepseek-v3's fp8 bench quantizes a few experts at a time (the whole of w1 at once ran out
+    of memory on an H200); the chunks give exactly the weights and scales of one pass."""
+    import torch
+
+    from moe_core import bench
+    from moe_core.testing.quantize_weights import quantize_w8a8
+
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(5, 256, 384, generator=g), torch.randn(5, 384, 128, generator=g)
+    chunked = bench.fp8_block_weights(w1, w2, chunk_elems=2 * 256 * 384)      # 2 experts of w1 per chunk
+    for w, q, s in ((w1, chunked.w1, chunked.quant.w1_scale), (w2, chunked.w2, chunked.quant.w2_scale)):
+        rq, rs = quantize_w8a8(w, torch.float8_e4m3fn, block_shape=(128, 128))
+        assert q.dtype == torch.float8_e4m3fn and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+        assert torch.equal(s, rs)
