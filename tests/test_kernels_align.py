@@ -131,6 +131,27 @@ def test_triton_deterministic_and_three_launch_path(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("one_launch_max", [0, 1024])
+@pytest.mark.parametrize("M,k,E,block_m", [(1, 8, 128, 16), (64, 8, 128, 16), (128, 8, 64, 32), (100, 6, 1025, 16),
+                                           (200, 2, 8, 64)])
+def test_triton_one_launch_path_matches_golden(monkeypatch: pytest.MonkeyPatch, one_launch_max: int,
+                                               M: int, k: int, E: int, block_m: int) -> None:
+    """Up to ``ONE_LAUNCH_MAX`` slots one program counts, scans and scatters (decode); the same
+    inputs through the count + scan launches give the same result."""
+    from moe_core.kernels import align as kalign
+
+    monkeypatch.setattr(kalign, "ONE_LAUNCH_MAX", one_launch_max)
+    launches = []
+    real = kalign._align_count_kernel
+    monkeypatch.setattr(kalign, "_align_count_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})())
+    ids = make_ids(M, k, E, "with_minus_one", seed=M + E)
+    result = _triton()(ids, block_m, E)
+    check_alignment(result, ids, block_m, E, exact_order=True)
+    assert (launches == []) is (M * k <= one_launch_max)
+
+
+@pytest.mark.interp
 def test_triton_masks_out_of_range_ids() -> None:
     ids = torch.tensor([[0, 2071690107], [-99999, 1], [3, 3]], dtype=torch.int32)   # E = 3: 3 is out of range
     masked = torch.where((ids >= -1) & (ids < 3), ids, torch.full_like(ids, -1))

@@ -5,7 +5,8 @@ bucket 0). Slots are cut into chunks of ``CHUNK``; within a chunk the rank of a 
 among earlier slots of its bucket is exact (no atomics), so the result is deterministic
 and keeps ascending slot order inside every bucket, like the torch reference::
 
-    count  (grid G):  rank[s] = #earlier slots of bucket(s) in its chunk
+    count  (grid G; inside ``scan`` when one chunk holds every slot):
+                      rank[s] = #earlier slots of bucket(s) in its chunk
                       chunk[g, b] = slots of bucket b in chunk g;  sorted[:] = sentinel
     scan   (1 CTA):   per tile of buckets, over a [chunks, buckets] tile of the table:
                       counts = Σ_g chunk[g];  padded = roundup(counts, block_m)
@@ -44,7 +45,14 @@ def _max_combine(a, b):
 def _align_count_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, numel, E, P, CHUNK, num_programs,
                         E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per chunk: in-chunk ranks, the chunk's bucket histogram; a share of the sentinel fill."""
-    pid = tl.program_id(0).to(tl.int64)
+    _count_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, tl.program_id(0).to(tl.int64), numel, E, P, CHUNK,
+                 num_programs, E1_PAD, BLOCK_T, BLOCK_P)
+
+
+@triton.jit
+def _count_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, pid, numel, E, P, CHUNK, num_programs,
+                 E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The count step of chunk ``pid`` (one program of ``num_programs``)."""
     lane = tl.arange(0, BLOCK_T)
     bins = tl.arange(0, E1_PAD)
     cursor = tl.zeros([E1_PAD], dtype=tl.int32)
@@ -71,18 +79,23 @@ def _scatter_slots(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, s, numel, E, CHUNK,
     valid = s < numel
     b = _bucket_of(ids_ptr, s, valid, E, E1_PAD)
     base = tl.load(chunk_ptr + (s // CHUNK) * E1_PAD + b, mask=valid, other=0, cache_modifier=".cg")
-    rank = tl.load(rank_ptr + s, mask=valid, other=0)
+    rank = tl.load(rank_ptr + s, mask=valid, other=0, cache_modifier=".cg")
     tl.store(sorted_ptr + base.to(tl.int64) + rank, s.to(tl.int32), mask=valid)
 
 
 @triton.jit
 def _align_scan_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, expert_ids_ptr, npost_ptr,
-                       numel, E, block_m, num_chunks, num_blocks, CHUNK,
+                       numel, E, block_m, num_chunks, num_blocks, CHUNK, P,
                        E1_PAD: tl.constexpr, G_PAD: tl.constexpr, BT: tl.constexpr,
-                       BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, SCATTER: tl.constexpr):
+                       BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, SCATTER: tl.constexpr,
+                       COUNT: tl.constexpr = False, BLOCK_T: tl.constexpr = 64, BLOCK_P: tl.constexpr = 1024):
     """One program: per bucket tile of ``BT`` buckets, the counts (sum over chunks), padded
     starts (cumsum carried across tiles), per-chunk bases (cumsum over chunks) and the
-    first-block markers; then expert_ids (forward fill) and the count."""
+    first-block markers; then expert_ids (forward fill) and the count. ``COUNT`` (one chunk
+    holds every slot): the count step runs here first, so small inputs take one launch."""
+    if COUNT:
+        _count_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, 0, numel, E, P, CHUNK, 1, E1_PAD, BLOCK_T, BLOCK_P)
+        tl.debug_barrier()
     blk = tl.arange(0, BLOCK_B)
     for b0 in range(0, num_blocks, BLOCK_B):
         tl.store(expert_ids_ptr + b0 + blk, tl.zeros([BLOCK_B], dtype=tl.int32), mask=b0 + blk < num_blocks)
@@ -94,7 +107,10 @@ def _align_scan_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, expert_ids_ptr,
     for t0 in range(0, E1_PAD, BT):
         bins = t0 + lane
         ptrs = chunk_ptr + rows[:, None] * E1_PAD + bins[None, :]
-        tile = tl.load(ptrs, mask=row_ok, other=0)                     # [chunks, buckets]
+        if COUNT:                                                      # written by this program
+            tile = tl.load(ptrs, mask=row_ok, other=0, cache_modifier=".cg")
+        else:
+            tile = tl.load(ptrs, mask=row_ok, other=0)                 # [chunks, buckets]
         is_bucket = bins < E + 1
         counts = tl.where(is_bucket, tl.sum(tile, 0), 0)
         padded = (counts + block_m - 1) // block_m * block_m

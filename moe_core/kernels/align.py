@@ -2,8 +2,8 @@
 
 Same contract as :func:`moe_core.align.moe_align_block_size_torch` (SEMANTICS §6); the
 order of slots within a bucket is ascending here too (exact per-chunk ranks instead of
-atomics), so the output equals the torch reference. Two launches up to
-``SCATTER_INLINE_MAX`` slots, three above (the scatter gets its own grid). Works for any
+atomics), so the output equals the torch reference. One launch up to ``ONE_LAUNCH_MAX``
+slots, two up to ``SCATTER_INLINE_MAX``, three above (the scatter gets its own grid). Works for any
 number of experts (no single-block scan limit: the bucket scan is a Triton ``cumsum``
 over ``E + 2`` rounded to a power of two lanes). No host sync.
 """
@@ -18,12 +18,14 @@ from moe_core.align import _check, padded_capacity
 from moe_core.kernels._align import _align_count_kernel, _align_scan_kernel, _align_scatter_kernel
 from moe_core.kernels._launch import cdiv, next_power_of_2
 
-__all__ = ["moe_align_block_size_triton", "SCATTER_INLINE_MAX"]
+__all__ = ["moe_align_block_size_triton", "SCATTER_INLINE_MAX", "ONE_LAUNCH_MAX"]
 
 logger = logging.getLogger(__name__)
 
 #: above this many slots the scatter runs as a third, grid-parallel launch
 SCATTER_INLINE_MAX = 4096
+#: up to this many slots one program counts, scans and scatters: one launch (decode)
+ONE_LAUNCH_MAX = 1024
 #: slots ranked per inner step (a BLOCK_T × BLOCK_T comparison)
 _BLOCK_T = 64
 #: slots scattered per step
@@ -67,20 +69,22 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
         n_post.zero_()
         return sorted_ids, expert_ids, n_post
     e1_pad = max(16, next_power_of_2(num_experts + 2))   # buckets 0..E plus an unused bin
-    chunk, num_chunks = _chunking(numel, e1_pad)
+    one_launch = numel <= ONE_LAUNCH_MAX
+    chunk, num_chunks = (max(_BLOCK_T, next_power_of_2(numel)), 1) if one_launch else _chunking(numel, e1_pad)
     g_pad = next_power_of_2(num_chunks)
     bt = max(16, min(e1_pad, 8192 // g_pad))
     rank = torch.empty((numel,), dtype=torch.int32, device=device)
     table = torch.empty((num_chunks, e1_pad), dtype=torch.int32, device=device)
     scan_warps = 4 if e1_pad <= 1024 else 8
-    _align_count_kernel[(num_chunks,)](
-        ids, rank, table, sorted_ids, numel, num_experts, P, chunk, num_chunks,
-        E1_PAD=e1_pad, BLOCK_T=_BLOCK_T, BLOCK_P=1024, num_warps=4)
+    if not one_launch:
+        _align_count_kernel[(num_chunks,)](
+            ids, rank, table, sorted_ids, numel, num_experts, P, chunk, num_chunks,
+            E1_PAD=e1_pad, BLOCK_T=_BLOCK_T, BLOCK_P=1024, num_warps=4)
     inline = numel <= SCATTER_INLINE_MAX
     _align_scan_kernel[(1,)](
         ids, rank, table, sorted_ids, expert_ids, n_post, numel, num_experts, block_m, num_chunks,
-        num_blocks, chunk, E1_PAD=e1_pad, G_PAD=g_pad, BT=bt, BLOCK_S=_BLOCK_S, BLOCK_B=1024, SCATTER=inline,
-        num_warps=scan_warps)
+        num_blocks, chunk, P, E1_PAD=e1_pad, G_PAD=g_pad, BT=bt, BLOCK_S=_BLOCK_S, BLOCK_B=1024, SCATTER=inline,
+        COUNT=one_launch, BLOCK_T=_BLOCK_T, BLOCK_P=1024, num_warps=scan_warps)
     if not inline:
         _align_scatter_kernel[(cdiv(numel, _BLOCK_S),)](
             ids, rank, table, sorted_ids, numel, num_experts, chunk, E1_PAD=e1_pad, BLOCK_S=_BLOCK_S,
