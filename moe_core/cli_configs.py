@@ -152,7 +152,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             speed = f"{res.default_ms / res.time_ms:.2f}x" if res.default_ms and res.time_ms else "-"
             default = f"{res.default_ms:.4f}" if res.default_ms is not None else "-"
             print(f"{gemm:<5} {M:>6}  {res.time_ms:8.4f}  {default:>10}  {speed:>7}  {res.tried:5d}  "
-                  f"{res.skipped:6d}  {res.wrong:5d}  {_format_config(res.config)}")
+                  f"{res.skipped:6d}  {res.wrong:5d}  {_format_config(res.config)}"
+                  + ("  (the default: no candidate beat it)" if res.default_won else ""))
     print(f"results in {args.out}")
     return 0
 

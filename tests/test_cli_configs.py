@@ -121,3 +121,22 @@ def test_bench_fp8_weights_quantized_in_expert_chunks_equal_whole() -> None:
         rq, rs = quantize_w8a8(w, torch.float8_e4m3fn, block_shape=(128, 128))
         assert q.dtype == torch.float8_e4m3fn and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
         assert torch.equal(s, rs)
+
+
+def test_tune_table_marks_rows_where_the_default_won(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from moe_core import tune as _tune
+
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1}
+
+    def fake_tune(backend: object, spec: object, **kw: object) -> dict:
+        return {"up": {64: _tune.GemmResult(M=64, config=cfg, time_ms=1.0, default_config=cfg, default_ms=1.0,
+                                            tried=3, default_won=True),
+                       1: _tune.GemmResult(M=1, config=cfg, time_ms=0.5, default_config=cfg, default_ms=1.0, tried=3)}}
+
+    monkeypatch.setattr(_tune, "tune", fake_tune)
+    argv = ["tune", "--model", "qwen3-30b-a3b", "--dtype", "bfloat16", "--backend", "torch", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = {tuple(line.split()[:2]): line for line in capsys.readouterr().out.splitlines()}
+    assert "no candidate beat it" in rows[("up", "64")]
+    assert "no candidate beat it" not in rows[("up", "1")] and "2.00x" in rows[("up", "1")]

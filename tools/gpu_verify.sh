@@ -38,5 +38,5 @@ BENCH=bench_out
 keep() { tar czf "$LOG_DIR/bench.tgz" "$BENCH" 2>/dev/null; }   # after each step: a later kill keeps it
 step "${BENCH_BF16_S:-170}" "$CLI" python3 -m moe_core bench --compare-default --compare-fused --out "$BENCH"; keep
 [ -n "${SKIP_HF:-}" ] || step 60 "$LOG_DIR/hf_bench.log" python3 benchmarks/hf_patch_bench.py --json "$BENCH/hf_bench.json"; keep
-[ -n "${SKIP_FP8:-}" ] || step "${BENCH_FP8_S:-90}" "$CLI" python3 -m moe_core bench --dtype fp8 --tokens 1,64,256,1024,4096 --out "$BENCH"; keep
+[ -n "${SKIP_FP8:-}" ] || step "${BENCH_FP8_S:-90}" "$CLI" python3 -m moe_core bench --dtype fp8 --compare-default --out "$BENCH"; keep
 cat "$BENCH"/bench_*.md 2>/dev/null
