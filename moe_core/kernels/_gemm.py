@@ -90,6 +90,16 @@ def _mma(a, wq, QUANT: tl.constexpr, INT_DOT: tl.constexpr, UPCAST: tl.constexpr
     return part
 
 
+@triton.jit
+def _block_rescaled(acc, part, a_s, w_s, W_SCALE_UNIFORM: tl.constexpr):
+    """``acc + part · a_s[:, None] · w_s[None, :]`` for one K block of block w8a8; with one
+    weight scale for the program (``W_SCALE_UNIFORM``, ``w_s`` a scalar) folded into the row
+    scales: one multiply-add per element instead of two multiplies and an add."""
+    if W_SCALE_UNIFORM:
+        return acc + part * (a_s * w_s)[:, None]
+    return acc + part * a_s[:, None] * w_s[None, :]
+
+
 # EM and num_valid_tokens change with every batch size; specialising them (divisibility by 16)
 # would compile each config twice or more as M varies, for no faster code.
 @triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
@@ -181,20 +191,17 @@ def _grouped_gemm_kernel(
         if FUSE_ACT == 1:
             w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + rows_u * stride_wsn
     if QUANT == 2:
+        # W_SCALE_UNIFORM: the program's weight rows lie in one [bn] block (gate rows in one, up
+        # rows in one), so its first row stands for all: one weight scale per K block
+        scale_rows_g = rows_g
         if W_SCALE_UNIFORM:
-            # the program's weight rows lie in one [bn] block (gate rows in one, up rows in one):
-            # one weight scale per K block, folded into the row scales (a third of the epilogue)
-            row0 = pid_n.to(tl.int64) * BLOCK_SIZE_N
-            if FUSE_ACT == 1 and INTERLEAVED:
-                row0 = row0 * 2
-            w_scale_cols = w_scale_ptr + off_expert * stride_wse + (row0 // group_n) * stride_wsn
-            if FUSE_ACT == 1:
-                row0_u = row0 + 1 if INTERLEAVED else row0 + N
-                w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + (row0_u // group_n) * stride_wsn
-        else:
-            w_scale_cols = w_scale_ptr + off_expert * stride_wse + (rows_g // group_n) * stride_wsn
-            if FUSE_ACT == 1:
-                w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + (rows_u // group_n) * stride_wsn
+            scale_rows_g = pid_n.to(tl.int64) * BLOCK_SIZE_N * (2 if FUSE_ACT == 1 and INTERLEAVED else 1)
+        w_scale_cols = w_scale_ptr + off_expert * stride_wse + (scale_rows_g // group_n) * stride_wsn
+        if FUSE_ACT == 1:
+            scale_rows_u = rows_u
+            if W_SCALE_UNIFORM:
+                scale_rows_u = scale_rows_g + 1 if INTERLEAVED else scale_rows_g + N
+            w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + (scale_rows_u // group_n) * stride_wsn
 
     # 5. K loop, fp32 accumulation, K tail masked
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
@@ -221,16 +228,10 @@ def _grouped_gemm_kernel(
         if QUANT == 2:
             kg = (kb * BLOCK_SIZE_K) // group_k
             a_s = tl.load(a_scale_rows + kg * stride_ask, mask=token_mask, other=0.0)
-            if W_SCALE_UNIFORM:
-                acc += part * (a_s * tl.load(w_scale_cols + kg * stride_wsk))[:, None]
-                if FUSE_ACT == 1:
-                    acc_u += part_u * (a_s * tl.load(w_scale_cols_u + kg * stride_wsk))[:, None]
-            else:
-                w_s = tl.load(w_scale_cols + kg * stride_wsk)
-                acc += part * a_s[:, None] * w_s[None, :]
-                if FUSE_ACT == 1:
-                    w_s_u = tl.load(w_scale_cols_u + kg * stride_wsk)
-                    acc_u += part_u * a_s[:, None] * w_s_u[None, :]
+            acc = _block_rescaled(acc, part, a_s, tl.load(w_scale_cols + kg * stride_wsk), W_SCALE_UNIFORM)
+            if FUSE_ACT == 1:
+                acc_u = _block_rescaled(acc_u, part_u, a_s, tl.load(w_scale_cols_u + kg * stride_wsk),
+                                        W_SCALE_UNIFORM)
         else:
             acc += part
             if FUSE_ACT == 1:
