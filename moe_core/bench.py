@@ -7,7 +7,7 @@ Per (preset shape, M), bf16 (or fp8 block [128, 128] against our own bf16 path):
   8192³ after a warm-up;
 - times: median of CUDA-graph replays with L2 flushed between replays, for our backend
   (and, with ``compare_default``, the same backend without its shipped tuned tables; with
-  ``compare_fused``, with the activation fused into gemm1), a
+  ``compare_fused``, with the activation fused into gemm1 at no tile and at every tile), a
   ``torch._grouped_mm`` MoE (sort by expert, two grouped GEMMs, activation, weighted
   unsort) and the naive per-expert loop (eager, not capturable: data-dependent sizes);
   each implementation is first checked against the torch backend in fp32;

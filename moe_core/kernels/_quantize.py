@@ -81,6 +81,13 @@ def _quant_kernel(a_ptr, q_ptr, scale_ptr, scale_out_ptr, partial_ptr, n_partial
 
 
 @triton.jit
+def _group_cols(k_first, off, lane, group_k, K, row_ok):
+    """Columns ``k_first + off + lane`` of one group and the [rows, lanes] mask of the valid ones."""
+    kk = k_first + off + lane
+    return kk, row_ok[:, None] & ((off + lane < group_k) & (kk < K))[None, :]
+
+
+@triton.jit
 def _quant_group_kernel(a_ptr, q_ptr, scale_out_ptr, rows, K, group_k, stride_ar, stride_qr, stride_sr,
                         qmax, eps, IS_INT8: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
                         ONE_PASS: tl.constexpr):
@@ -95,8 +102,7 @@ def _quant_group_kernel(a_ptr, q_ptr, scale_out_ptr, rows, K, group_k, stride_ar
     src = a_ptr + r[:, None] * stride_ar
     dst = q_ptr + r[:, None] * stride_qr
     if ONE_PASS:
-        kk = k_first + lane
-        m = row_ok[:, None] & ((lane < group_k) & (kk < K))[None, :]
+        kk, m = _group_cols(k_first, 0, lane, group_k, K, row_ok)
         a = tl.load(src + kk[None, :], mask=m, other=0.0).to(tl.float32)
         s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), 1), eps), qmax)
         tl.store(scale_out_ptr + r * stride_sr + grp, s, mask=row_ok)
@@ -105,15 +111,13 @@ def _quant_group_kernel(a_ptr, q_ptr, scale_out_ptr, rows, K, group_k, stride_ar
     else:
         acc = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
         for off in range(0, group_k, BLOCK):
-            kk = k_first + off + lane
-            m = row_ok[:, None] & ((off + lane < group_k) & (kk < K))[None, :]
+            kk, m = _group_cols(k_first, off, lane, group_k, K, row_ok)
             acc = tl.maximum(acc, tl.abs(tl.load(src + kk[None, :], mask=m, other=0.0).to(tl.float32)))
         s = tl.math.div_rn(tl.maximum(tl.max(acc, 1), eps), qmax)
         tl.store(scale_out_ptr + r * stride_sr + grp, s, mask=row_ok)
         s_tile = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32) + s[:, None]
         for off in range(0, group_k, BLOCK):
-            kk = k_first + off + lane
-            m = row_ok[:, None] & ((off + lane < group_k) & (kk < K))[None, :]
+            kk, m = _group_cols(k_first, off, lane, group_k, K, row_ok)
             a = tl.load(src + kk[None, :], mask=m, other=0.0).to(tl.float32)
             y = _to_q(tl.math.div_rn(a, s_tile), qmax, IS_INT8)
             tl.store(dst + kk[None, :], y.to(q_ptr.dtype.element_ty), mask=m)

@@ -95,7 +95,7 @@ def quantize_activation(a: torch.Tensor, *, qdtype: torch.dtype, per_channel: bo
         if rows and K:
             block = min(next_power_of_2(gk), 2048)
             # ~4K elements per program: one program per (row, group of 128) left the GPU idle
-            # (H200, mixtral M=4096 fp8: 826 µs of a 5 ms forward; benchmarks/NOTES.md, attempt 7)
+            # (H200, mixtral M=4096 fp8: 826 µs of a 5 ms forward; benchmarks/NOTES.md, attempt 9)
             block_r = max(1, min(next_power_of_2(rows), 4096 // block))
             _quant_group_kernel[(cdiv(rows, block_r), n_groups)](
                 a, target, scale, rows, K, gk, a.stride(0), target.stride(0), scale.stride(0),
