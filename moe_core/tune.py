@@ -2,8 +2,10 @@
 
 For each batch size M it times candidate configs of one grouped GEMM in isolation, through
 the backend's ``gemm`` step with aligned inputs (:func:`moe_core.moe_align_block_size`) and
-the launch config the resolver makes of :func:`moe_core.override_config`. gemm1 and gemm2 are
-tuned separately; gemm2 (the ``_down`` table) keeps gemm1's ``BLOCK_SIZE_M`` because both
+the launch config the resolver makes of :func:`moe_core.override_config`. gemm1 is timed with
+its activation, as the forward runs it for that config: one kernel where the backend fuses the
+activation into gemm1 (:meth:`~moe_core.backend.Backend.fuses_activation`), else the GEMM and
+the backend's ``activation`` step. gemm1 and gemm2 are tuned separately; gemm2 (the ``_down`` table) keeps gemm1's ``BLOCK_SIZE_M`` because both
 share one alignment. Each candidate's output is checked against the torch backend before it
 is timed (CUDA-graph replays by default; the timer is injectable). Candidates that fail to
 compile or run out of resources are skipped. The backend's default config is timed too and kept
@@ -32,6 +34,7 @@ from moe_core.spec import QuantSpec
 if TYPE_CHECKING:
     from moe_core.backend import Backend
     from moe_core.presets import Preset
+    from moe_core.spec import MoELayer
 
 __all__ = ["DEFAULT_BATCH_SIZES", "ACT_DTYPES", "SCHEMES", "TuneSpec", "search_space", "tune",
            "cuda_graph_timer", "wall_timer", "GemmResult", "Timer"]
@@ -59,6 +62,8 @@ class TuneSpec:
     :param act_dtype: compute dtype; :param scheme: ``none`` or one of :data:`SCHEMES`.
     :param block_shape: ``(bn, bk)`` for block w8a8; :param per_channel: per-token × per-channel w8a8;
     :param group_size: group of weight-only schemes.
+    :param activation: gemm1's activation (SEMANTICS §4.3), timed with it; :param gate_up_layout:
+        ``halves`` or ``interleaved``; :param gemm1_alpha: / :param gemm1_limit: its constants.
     """
 
     E: int
@@ -72,6 +77,10 @@ class TuneSpec:
         default=None, converter=lambda b: tuple(b) if b is not None and all(b) else None)
     per_channel: bool = False
     group_size: int | None = None
+    activation: str = "silu"
+    gate_up_layout: str = "halves"
+    gemm1_alpha: float | None = None
+    gemm1_limit: float | None = None
 
     @classmethod
     def from_preset(cls, preset: Preset, dtype: str, *, block_shape: Sequence[int] | None = None,
@@ -90,7 +99,18 @@ class TuneSpec:
         return cls(E=layer.num_local_experts, I=layer.intermediate_size, H=layer.hidden_size,
                    top_k=layer.top_k, is_gated=layer.is_gated, act_dtype=act, scheme=scheme,
                    block_shape=tuple(block_shape) if block_shape else None, per_channel=per_channel,
-                   group_size=group_size if scheme in ("int8_w8a16", "int4_w4a16") else None)
+                   group_size=group_size if scheme in ("int8_w8a16", "int4_w4a16") else None,
+                   activation=layer.activation, gate_up_layout=layer.gate_up_layout,
+                   gemm1_alpha=layer.gemm1_alpha, gemm1_limit=layer.gemm1_limit)
+
+    def layer(self) -> MoELayer:
+        """The :class:`~moe_core.spec.MoELayer` whose gemm1 (with its activation) is tuned."""
+        from moe_core.spec import MoELayer
+
+        return MoELayer(num_local_experts=self.E, top_k=self.top_k, hidden_size=self.H,
+                        intermediate_size=self.I, activation=self.activation, is_gated=self.is_gated,
+                        gate_up_layout=self.gate_up_layout, gemm1_alpha=self.gemm1_alpha,
+                        gemm1_limit=self.gemm1_limit)
 
     def dims(self, gemm: str) -> tuple[int, int]:
         """``(N_out, K)`` of gemm1 (``up``) or gemm2 (``down``)."""
@@ -283,7 +303,7 @@ def _precompile(bench: _Bench, candidates: Sequence[dict[str, Any]], workers: in
         with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
             for cand in candidates:
                 try:
-                    bench.launcher(bench.launch_config(cand))()
+                    bench.launcher(bench.launch_config(cand), gemm_only=True)()
                     submitted += 1
                 except Exception as exc:  # noqa: BLE001 - the timing loop reports real failures
                     (logger.warning if submitted == 0 else logger.debug)(
@@ -312,10 +332,15 @@ class GemmResult:
 
 
 class _Bench:
-    """Random weights for one GEMM, per-M inputs, alignments and the torch-backend reference."""
+    """Random weights for one GEMM, per-M inputs, alignments and the torch-backend reference.
+
+    gemm1 (``up``) runs with its activation and ``out`` is ``act``: what the forward computes
+    in steps 4-6 for a config, fused or not (``gate_up`` is then a scratch buffer).
+    """
 
     def __init__(self, backend: Backend, spec: TuneSpec, gemm: str, device: torch.device, seed: int) -> None:
         self.backend, self.spec, self.gemm, self.device = backend, spec, gemm, device
+        self.layer = spec.layer() if gemm == "up" else None
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.n_out, self.K = spec.dims(gemm)
         self.w, self.w_scale, self.w_zp = self._weights()
@@ -370,10 +395,17 @@ class _Bench:
             self.a, self.a_scale = self.backend.quantize_activation(a, self.quant, None)
         self.top_k = k if self.gemm == "up" else 1
         self.mul = self.gemm == "down"
-        self.out = torch.empty((M * k, self.n_out), dtype=spec.act_dtype, device=self.device)
+        self.gate_up = torch.empty((M * k, self.n_out), dtype=spec.act_dtype, device=self.device)
         self._aligned: dict[int, tuple[torch.Tensor, ...]] = {}
-        ref = torch.empty_like(self.out)
-        TorchBackend().gemm(self.a, self.w, ref, config={"BLOCK_SIZE_M": 16}, **self._common(16))
+        ref = torch.empty_like(self.gate_up)
+        torch_backend = TorchBackend()
+        torch_backend.gemm(self.a, self.w, ref, config={"BLOCK_SIZE_M": 16}, **self._common(16))
+        if self.layer is None:
+            self.out = self.gate_up
+        else:
+            width = self.n_out // 2 if spec.is_gated else self.n_out
+            self.out = torch.empty((M * k, width), dtype=spec.act_dtype, device=self.device)
+            ref = torch_backend.activation(ref, torch.empty_like(self.out), self.layer, self.topk_ids)
         self.ref32 = ref.float()
         self.ref_scale = max(float(self.ref32.abs().max()), 1e-30)
 
@@ -388,10 +420,23 @@ class _Bench:
                     num_tokens_post_padded=n_post, top_k=self.top_k, mul_routed_weight=self.mul,
                     quant=self.quant)
 
-    def launcher(self, config: dict[str, Any]) -> Callable[[], Any]:
+    def launcher(self, config: dict[str, Any], *, gemm_only: bool = False) -> Callable[[], Any]:
+        """One call of the tuned step(s) with ``config``: gemm2, or gemm1 with its activation
+        (``gemm_only``: without an unfused activation step, for the precompile)."""
         kwargs = self._common(config["BLOCK_SIZE_M"])
-        backend, a, w, out = self.backend, self.a, self.w, self.out
-        return lambda: backend.gemm(a, w, out, config=config, **kwargs)
+        backend, a, w, out, layer = self.backend, self.a, self.w, self.out, self.layer
+        if layer is None:
+            return lambda: backend.gemm(a, w, out, config=config, **kwargs)
+        if backend.fuses_activation(layer, self.quant, config):
+            return lambda: backend.gemm(a, w, out, config=config, activation=layer, **kwargs)
+        gate_up, ids = self.gate_up, self.topk_ids
+
+        def unfused() -> None:
+            backend.gemm(a, w, gate_up, config=config, **kwargs)
+            if not gemm_only:
+                backend.activation(gate_up, out, layer, ids)
+
+        return unfused
 
     def launch_config(self, candidate: dict[str, Any]) -> dict[str, Any]:
         """What the resolver launches for ``candidate`` given through ``override_config``."""

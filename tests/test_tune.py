@@ -227,3 +227,76 @@ def test_tune_through_the_triton_gemm_under_the_interpreter(tmp_path: Path) -> N
     up = json.loads((tmp_path / FOLDER / "E=2,N=16,device_name=cpu.json").read_text())
     down = json.loads((tmp_path / FOLDER / "E=2,N=16,device_name=cpu_down.json").read_text())
     assert up["3"] == res["up"][3].config and down["3"]["BLOCK_SIZE_M"] == up["3"]["BLOCK_SIZE_M"]
+
+
+class FusingFake(FakeBackend):
+    """Fuses the activation into gemm1 at ``BLOCK_SIZE_N == 64`` tiles; ``bad_act`` breaks the
+    unfused activation step, ``bad_fused`` the fused epilogue."""
+
+    name = "faketune-fused"
+
+    def __init__(self, bad_act: bool = False, bad_fused: bool = False) -> None:
+        super().__init__()
+        self.bad_act, self.bad_fused = bad_act, bad_fused
+        self.fused_launches = self.act_steps = 0
+
+    def fuses_activation(self, layer: Any, quant: Any, config: dict[str, Any]) -> bool:
+        return config["BLOCK_SIZE_N"] == 64
+
+    def gemm(self, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, config: dict[str, Any],
+             activation: Any = None, **kw: Any) -> torch.Tensor:
+        if activation is None:
+            return super().gemm(a, w, out, config=config, **kw)
+        assert self.fuses_activation(activation, None, config), "fused launch for a tile that does not fuse"
+        self.fused_launches += 1
+        gate_up = torch.empty((out.shape[0], w.shape[1]), dtype=out.dtype, device=out.device)
+        super().gemm(a, w, gate_up, config=config, **kw)
+        TorchBackend.activation(self, gate_up, out, activation, kw["sorted_token_ids"])
+        if self.bad_fused:
+            out[0] += 1.0
+        return out
+
+    def activation(self, gate_up: torch.Tensor, out: torch.Tensor, layer: Any, topk_ids: torch.Tensor) -> torch.Tensor:
+        self.act_steps += 1
+        super().activation(gate_up, out, layer, topk_ids)
+        if self.bad_act:
+            out[-1] -= 1.0
+        return out
+
+
+@pytest.mark.parametrize("broken", [None, "act", "fused"])
+def test_gemm1_is_timed_and_checked_with_its_activation(tmp_path: Path, broken: str | None) -> None:
+    """gemm1 candidates run as the forward runs them: the fused kernel where the backend fuses
+    that tile, else the GEMM and the activation step; the checked output is ``act``, so a
+    wrong activation (fused or not) rejects the candidate."""
+    backend = FusingFake(bad_act=broken == "act", bad_fused=broken == "fused")
+    res = tune(backend, SPEC, out_dir=tmp_path, batch_sizes=[8], gemms=("up",), fast=True,
+               timer=fake_timer(backend), progress=False)[("up")][8]
+    cands = search_space(SPEC, "up", 8, fast=True)
+    fusing = [c for c in cands if c["BLOCK_SIZE_N"] == 64]
+    assert fusing and len(fusing) < len(cands)
+    assert backend.fused_launches >= len([c for c in fusing if not FakeBackend.broken(c)])
+    assert backend.act_steps > 0
+    picked = res.config
+    if broken == "fused":
+        assert picked["BLOCK_SIZE_N"] != 64
+    elif broken == "act":
+        assert picked["BLOCK_SIZE_N"] == 64      # every unfused candidate's act is wrong
+    else:
+        assert picked == expected_best("up", 8, backend)
+    assert res.wrong >= {None: 0, "act": 1, "fused": 1}[broken]
+
+
+@pytest.mark.interp
+def test_tune_times_the_fused_triton_gemm1_under_the_interpreter(tmp_path: Path) -> None:
+    """With the activation fused (every tile), the real fused kernel's ``act`` passes the check."""
+    from moe_core.kernels.backend import TritonBackend
+
+    class Fused(TritonBackend):
+        name = "triton-fused-tune"
+        fuse_activation = True
+
+    spec = TuneSpec(E=2, I=16, H=32, top_k=2, act_dtype=torch.float16, activation="silu")
+    res = tune(Fused(), spec, out_dir=tmp_path, batch_sizes=[3], gemms=("up",), fast=True,
+               timer=lambda fn: 1.0, progress=False)["up"][3]
+    assert res.config is not None and res.skipped == res.wrong == 0
