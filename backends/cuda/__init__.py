@@ -25,11 +25,11 @@ class CudaBackend(TritonBackend):
     priority = 100
     fp8_dtype = torch.float8_e4m3fn
     fp8_min_capability = (8, 9)
-    #: Measured on the H200 (benchmarks/NOTES.md, attempt 6): fusing the activation into gemm1
-    #: saves 3-12% from M = 1 to 1024, but the prefill tables' 128x256 tiles ran 1-4% slower
-    #: fused (two 128x128 fp32 accumulators plus the epilogue at 8 warps).
+    #: Measured on the H200 (benchmarks/NOTES.md, attempts 6 and 11): fusing the activation into
+    #: gemm1 saves 3-12% from M = 1 to 1024; at the prefill tiles the fused kernel matches or
+    #: beats the GEMM plus the activation kernel once gemm1 is tuned fused (``moe-core tune``
+    #: times gemm1 with its activation), so every tile fuses.
     fuse_activation = True
-    fuse_activation_max_tile = 128 * 128
 
     def is_available(self) -> tuple[bool, str]:
         if getattr(torch.version, "hip", None):
