@@ -90,7 +90,7 @@ _LAUNCHES: list = []      # (name, kernel, args, kwargs) of the current forward
 
 
 def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, fp8: bool = False,
-                   fuse: bool = False) -> list:
+                   fuse: bool = False, pdl: bool = False) -> list:
     """The kernel launches of one forward of ``model`` at ``M`` tokens, as a CUDA run makes them."""
     import importlib
 
@@ -109,6 +109,9 @@ def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, 
     launch_helpers.interpreting = lambda t: False
     for name in ("act", "moe_sum", "quantize"):
         importlib.import_module(f"moe_core.kernels.{name}").needs_fp32_store = lambda t: False
+    for name in ("act", "align", "gemm", "moe_sum", "quantize"):     # as on an sm_90 device, or none
+        importlib.import_module(f"moe_core.kernels.{name}").pdl_args = (
+            (lambda t: {"PDL": True, "launch_pdl": True}) if pdl else (lambda t: {}))
 
     class Hopper(CudaBackend):
         """The cuda backend's configs and device facts as on an H100, on CPU tensors."""
@@ -157,6 +160,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--fp8", action="store_true", help="fp8 w8a8 block [128,128] weights")
     p.add_argument("--fuse", action="store_true", help="the activation fused into gemm1 at every tile")
+    p.add_argument("--pdl", action="store_true", help="kernels launched with programmatic dependent launch")
     p.add_argument("--capability", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     p.add_argument("--config", default=None, help="JSON config for both GEMMs instead of the tuned tables")
     p.add_argument("--digests", default=None,
@@ -168,8 +172,8 @@ def main() -> None:
     seen: dict = {}
     for M in (int(t) for t in args.tokens.split(",")):
         for name, kernel, largs, lkwargs in record_forward(args.model, M, getattr(torch, args.dtype), config, args.fp8,
-                                                           args.fuse):
-            meta = {k: v for k, v in lkwargs.items() if k.isupper() and k.startswith(("BLOCK", "GROUP", "FUSE"))}
+                                                           args.fuse, args.pdl):
+            meta = {k: v for k, v in lkwargs.items() if k.isupper() and k.startswith(("BLOCK", "GROUP", "FUSE", "PDL"))}
             meta.update({k: lkwargs[k] for k in ("num_warps", "num_stages") if k in lkwargs})
             key = (name, json.dumps(meta, sort_keys=True))
             if key not in seen:

@@ -7,7 +7,8 @@ Per (preset shape, M), bf16 (or fp8 block [128, 128] against our own bf16 path):
   8192³ after a warm-up;
 - times: median of CUDA-graph replays with L2 flushed between replays, for our backend
   (and, with ``compare_default``, the same backend without its shipped tuned tables; with
-  ``compare_fused``, with the activation fused into gemm1 at no tile and at every tile), a
+  ``compare_fused``, with the activation fused into gemm1 at no tile and at every tile; with
+  ``compare_pdl``, without programmatic dependent launch), a
   ``torch._grouped_mm`` MoE (sort by expert, two grouped GEMMs, activation, weighted
   unsort) and the naive per-expert loop (eager, not capturable: data-dependent sizes);
   each implementation is first checked against the torch backend in fp32;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-20b")
 DEFAULT_TOKENS = (1, 8, 64, 256, 1024, 4096, 16384)
-IMPLS = ("ours", "ours_unfused", "ours_fused", "ours_default", "ours_bf16", "grouped_mm", "naive")   # column order of tables and plots
+IMPLS = ("ours", "ours_no_pdl", "ours_unfused", "ours_fused", "ours_default", "ours_bf16", "grouped_mm", "naive")   # column order of tables and plots
 REGIMES = {"decode": (1, 8, 64), "middle": (256, 1024), "prefill": (4096, 16384)}
 
 
@@ -189,6 +191,22 @@ def with_fused_activation(backend: Any, fused: bool = True) -> Any:
     return _variant(backend, "Unfused", fuse_activation=False)
 
 
+def without_pdl(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run (and so captured) with ``MOE_CORE_PDL=0``: no programmatic dependent launch."""
+    def call() -> Any:
+        old = os.environ.get("MOE_CORE_PDL")
+        os.environ["MOE_CORE_PDL"] = "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["MOE_CORE_PDL"]
+            else:
+                os.environ["MOE_CORE_PDL"] = old
+
+    return call
+
+
 def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float, act_bytes: int,
              ceilings: dict[str, float]) -> float:
     """Lower bound in seconds of one forward (see the module docstring)."""
@@ -202,7 +220,8 @@ def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float,
 def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] = DEFAULT_TOKENS, *,
               dtype: str = "bfloat16", out_dir: Path = Path("bench_out"), backend: str = "cuda",
               peers: tuple[str, ...] = ("grouped_mm", "naive"), seed: int = 0,
-              compare_default: bool = False, compare_fused: bool = False) -> dict[str, Any]:
+              compare_default: bool = False, compare_fused: bool = False,
+              compare_pdl: bool = False) -> dict[str, Any]:
     """Run the side-by-side benchmark; returns (and writes) the results.
 
     :param compare_default: also time ``ours_default``, our backend without its shipped
@@ -210,6 +229,8 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
     :param compare_fused: also time ``ours_unfused`` and ``ours_fused``, our backend with the
         activation fused into gemm1 at no tile and at every tile (same tables), checked
         against the oracle like the others.
+    :param compare_pdl: also time ``ours_no_pdl``, our backend launched and captured with
+        ``MOE_CORE_PDL=0``.
     """
     import moe_core
     from moe_core.presets import PRESETS
@@ -255,6 +276,8 @@ def run_bench(models: tuple[str, ...] = DEFAULT_MODELS, tokens: tuple[int, ...] 
             if compare_fused:
                 impls["ours_unfused"] = lambda: unfused_runner.run(x, weights, tw, ti)
                 impls["ours_fused"] = lambda: fused_runner.run(x, weights, tw, ti)
+            if compare_pdl:
+                impls["ours_no_pdl"] = without_pdl(lambda: runner.run(x, weights, tw, ti))
             if dtype == "fp8":
                 impls["ours_bf16"] = lambda: bf16_runner.run(x, bf16_weights, tw, ti)
             if "grouped_mm" in peers and dtype != "fp8":

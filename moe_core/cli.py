@@ -138,7 +138,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     result = bench.run_bench(tuple(args.models.split(",")), tuple(int(t) for t in args.tokens.split(",")),
                              dtype=args.dtype, out_dir=Path(args.out), backend=args.backend,
-                             compare_default=args.compare_default, compare_fused=args.compare_fused)
+                             compare_default=args.compare_default, compare_fused=args.compare_fused,
+                             compare_pdl=args.compare_pdl)
     print(bench.markdown_table(result))
     return 0
 
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-fused", action="store_true",
                    help="also time our backend with the activation fused into gemm1 at no tile and at "
                         "every tile (columns ours_unfused, ours_fused)")
+    p.add_argument("--compare-pdl", action="store_true",
+                   help="also time our backend without programmatic dependent launch (column ours_no_pdl)")
     p.set_defaults(func=_cmd_bench)
 
     try:

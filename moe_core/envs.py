@@ -16,6 +16,7 @@ __all__ = [
     "config_dir",
     "debug",
     "deterministic",
+    "pdl",
     "ENV_VARS",
 ]
 
@@ -70,6 +71,13 @@ def deterministic() -> bool:
     return _flag("MOE_CORE_DETERMINISTIC")
 
 
+def pdl() -> bool:
+    """``MOE_CORE_PDL=0``: launch the Triton kernels without programmatic dependent launch
+    (on by default on NVIDIA sm_90+, where each kernel's launch overlaps the end of the one
+    before). Default: on."""
+    return os.environ.get("MOE_CORE_PDL", "").strip().lower() not in {"0", "false", "no", "off"}
+
+
 #: name -> one-line description, for the README and ``moe-core --help``.
 ENV_VARS = {
     "MOE_CORE_BACKEND": backend.__doc__.split(":", 1)[1].strip(),
@@ -79,4 +87,5 @@ ENV_VARS = {
     "MOE_CORE_CONFIG_DIR": config_dir.__doc__.split(":", 1)[1].strip(),
     "MOE_CORE_DEBUG": debug.__doc__.split(":", 1)[1].strip(),
     "MOE_CORE_DETERMINISTIC": deterministic.__doc__.split(":", 1)[1].strip(),
+    "MOE_CORE_PDL": pdl.__doc__.split(":", 1)[1].strip(),
 }

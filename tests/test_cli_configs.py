@@ -97,9 +97,11 @@ def test_bench_untuned_backend_skips_shipped_tables() -> None:
     assert default.config == plain.default_config(64, 128, 2 * 768, 2048, 8, None, None)
     small, wide = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64}, {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256}
     cuda, none = CudaBackend(), QuantSpec.none()
-    assert cuda.fuses_activation(None, none, small) and not cuda.fuses_activation(None, none, wide)
-    fused = bench.with_fused_activation(cuda)                    # --compare-fused: same tables, every tile
-    unfused = bench.with_fused_activation(cuda, fused=False)     # ... and none
+    assert cuda.fuses_activation(None, none, small) and cuda.fuses_activation(None, none, wide)  # every tile
+    capped = type("Capped", (CudaBackend,), {"fuse_activation_max_tile": 128 * 128})()
+    assert capped.fuses_activation(None, none, small) and not capped.fuses_activation(None, none, wide)
+    fused = bench.with_fused_activation(capped)                  # --compare-fused: same tables, every tile
+    unfused = bench.with_fused_activation(capped, fused=False)   # ... and none
     assert isinstance(fused, CudaBackend) and isinstance(unfused, CudaBackend)
     assert fused.fuses_activation(None, none, small) and fused.fuses_activation(None, none, wide)
     assert not unfused.fuses_activation(None, none, small)

@@ -266,3 +266,45 @@ def test_elementwise_kernels_capture_alone() -> None:
             a_bits = a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a
             b_bits = b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b
             assert torch.equal(a_bits, b_bits), f"output {i} differs after replay (seed {seed})"
+
+
+def test_pdl_changes_no_bit(cuda_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Programmatic dependent launch overlaps launches only: forwards with it on equal the ones
+    with it off (``MOE_CORE_PDL=0``) bit for bit, eager, inplace and replayed from a CUDA
+    graph, at decode sizes and at a multi-wave size (thousands of GEMM programs)."""
+    import moe_core
+    from moe_core.kernels._launch import pdl_args
+
+    if not pdl_args(torch.empty(1, device="cuda")):
+        pytest.skip("programmatic dependent launch needs an NVIDIA sm_90+ GPU")
+    layer = MoELayer(num_local_experts=E, top_k=K, hidden_size=1024, intermediate_size=512)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w1 = torch.randn(E, 1024, 1024, device="cuda", generator=g, dtype=torch.bfloat16) / 30
+    w2 = torch.randn(E, 1024, 512, device="cuda", generator=g, dtype=torch.bfloat16) / 30
+    weights = ExpertWeights(w1, w2)
+    for M in (1, 8, 4096):
+        x = torch.randn(M, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
+        tw, ti = moe_core.select_experts(torch.randn(M, E, device="cuda", generator=g), top_k=K)
+        got = {}
+        for flag in ("1", "0"):
+            monkeypatch.setenv("MOE_CORE_PDL", flag)
+            assert bool(pdl_args(x)) == (flag == "1")
+            runner = moe_core.MoERunner(layer, backend=cuda_backend)
+            eager = runner.run(x, weights, tw, ti)
+            x_in = x.clone()
+            runner.run(x_in, weights, tw, ti, inplace=True)
+            with _side_stream():
+                runner.run(x, weights, tw, ti)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out_s = runner.run(x, weights, tw, ti)
+            out_s.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            got[flag] = (eager, x_in, out_s.clone())
+            del graph
+        for name, on, off in zip(("eager", "inplace", "graph"), got["1"], got["0"]):
+            assert torch.isfinite(on).all(), f"M={M} {name}: non-finite rows with PDL"
+            assert torch.equal(on, off), f"M={M} {name}: PDL changed the result"
+        ref = oracle_moe(x.cpu(), w1.cpu(), w2.cpu(), tw.cpu(), ti.cpu())
+        assert_close_normalized(got["1"][0].double().cpu(), ref, *tolerance_for(torch.bfloat16))

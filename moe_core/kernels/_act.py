@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_core.kernels._gdc import _pdl_enter
+
 __all__ = ["_act_kernel", "_gated", "_plain"]
 
 
@@ -55,7 +57,8 @@ def _gated(g, u, alpha, limit, ACT: tl.constexpr, HAS_LIMIT: tl.constexpr):
 def _act_kernel(gu_ptr, out_ptr, ids_ptr, S, N_OUT, stride_gs, stride_os, half, alpha, limit,
                 ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
                 HAS_LIMIT: tl.constexpr, HAS_IDS: tl.constexpr,
-                BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     pid_s = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_core.kernels._gdc import _pdl_enter
+
 __all__ = ["_align_count_kernel", "_align_scan_kernel", "_align_scatter_kernel"]
 
 
@@ -43,8 +45,10 @@ def _max_combine(a, b):
 
 @triton.jit
 def _align_count_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, numel, E, P, CHUNK, num_programs,
-                        E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+                        E1_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """Per chunk: in-chunk ranks, the chunk's bucket histogram; a share of the sentinel fill."""
+    _pdl_enter(PDL)
     _count_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, tl.program_id(0).to(tl.int64), numel, E, P, CHUNK,
                  num_programs, E1_PAD, BLOCK_T, BLOCK_P)
 
@@ -88,11 +92,13 @@ def _align_scan_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, expert_ids_ptr,
                        numel, E, block_m, num_chunks, num_blocks, CHUNK, P,
                        E1_PAD: tl.constexpr, G_PAD: tl.constexpr, BT: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, SCATTER: tl.constexpr,
-                       COUNT: tl.constexpr = False, BLOCK_T: tl.constexpr = 64, BLOCK_P: tl.constexpr = 1024):
+                       COUNT: tl.constexpr = False, BLOCK_T: tl.constexpr = 64, BLOCK_P: tl.constexpr = 1024,
+                       PDL: tl.constexpr = False):
     """One program: per bucket tile of ``BT`` buckets, the counts (sum over chunks), padded
     starts (cumsum carried across tiles), per-chunk bases (cumsum over chunks) and the
     first-block markers; then expert_ids (forward fill) and the count. ``COUNT`` (one chunk
     holds every slot): the count step runs here first, so small inputs take one launch."""
+    _pdl_enter(PDL)
     if COUNT:
         _count_chunk(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, 0, numel, E, P, CHUNK, 1, E1_PAD, BLOCK_T, BLOCK_P)
         tl.debug_barrier()
@@ -140,8 +146,9 @@ def _align_scan_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, expert_ids_ptr,
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, numel, E, CHUNK,
-                          E1_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+                          E1_PAD: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """Grid cdiv(numel, BLOCK_S): scatter one block of slots (large inputs)."""
+    _pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     s = pid * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
     _scatter_slots(ids_ptr, rank_ptr, chunk_ptr, sorted_ptr, s, numel, E, CHUNK, E1_PAD)

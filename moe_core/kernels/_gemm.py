@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from moe_core.kernels._act import _gated, _plain
+from moe_core.kernels._gdc import _pdl_enter
 
 __all__ = ["_grouped_gemm_kernel"]
 
@@ -135,7 +136,9 @@ def _grouped_gemm_kernel(
     ALPHA: tl.constexpr = 1.0,
     LIMIT: tl.constexpr = 0.0,
     W_SCALE_UNIFORM: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    _pdl_enter(PDL)
     # -- program -> (pid_m, pid_n), grouped along M -------------------------------------
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)

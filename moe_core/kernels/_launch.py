@@ -6,7 +6,7 @@ import os
 
 import torch
 
-__all__ = ["cdiv", "interpreting", "needs_fp32_store", "next_power_of_2"]
+__all__ = ["cdiv", "interpreting", "needs_fp32_store", "next_power_of_2", "pdl_args"]
 
 
 # Host-side grid arithmetic in plain Python: Triton 3.6 made ``triton.cdiv`` and
@@ -37,3 +37,25 @@ def needs_fp32_store(t: torch.Tensor) -> bool:
     """
     return interpreting(t) and t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e4m3fnuz,
                                            torch.float8_e5m2)
+
+
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def pdl_args(t: torch.Tensor) -> dict[str, bool]:
+    """Launch arguments that turn on programmatic dependent launch for a kernel on ``t``'s
+    device (see :mod:`moe_core.kernels._gdc`): ``PDL`` (the kernel's constexpr) and Triton's
+    ``launch_pdl``, on NVIDIA sm_90+ outside the interpreter unless ``MOE_CORE_PDL=0``; else none."""
+    from moe_core import envs
+
+    if t.device.type != "cuda" or interpreting(t) or not envs.pdl():
+        return {}
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    ok = _PDL_DEVICES.get(index)
+    if ok is None:
+        from moe_core.kernels._gdc import HAS_GDC
+
+        ok = (HAS_GDC and getattr(torch.version, "hip", None) is None
+              and torch.cuda.get_device_capability(index) >= (9, 0))
+        _PDL_DEVICES[index] = ok
+    return {"PDL": True, "launch_pdl": True} if ok else {}

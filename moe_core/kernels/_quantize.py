@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_core.kernels._gdc import _pdl_enter
+
 __all__ = ["_amax_partial_kernel", "_quant_kernel", "_quant_group_kernel"]
 
 
@@ -36,7 +38,8 @@ def _to_q(x, qmax, IS_INT8: tl.constexpr):
 
 @triton.jit
 def _amax_partial_kernel(a_ptr, partial_ptr, rows, K, stride_ar, num_programs,
-                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     pid = tl.program_id(0).to(tl.int64)
     r_lane = tl.arange(0, BLOCK_R).to(tl.int64)
     k_lane = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -55,8 +58,10 @@ def _amax_partial_kernel(a_ptr, partial_ptr, rows, K, stride_ar, num_programs,
 def _quant_kernel(a_ptr, q_ptr, scale_ptr, scale_out_ptr, partial_ptr, n_partial, rows, K,
                   stride_ar, stride_qr, qmax, eps,
                   MODE: tl.constexpr, IS_INT8: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """MODE 0: static per-tensor scale; 1: static per-row scale [rows, 1]; 2: dynamic per-tensor."""
+    _pdl_enter(PDL)
     pid_r = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -90,9 +95,10 @@ def _group_cols(k_first, off, lane, group_k, K, row_ok):
 @triton.jit
 def _quant_group_kernel(a_ptr, q_ptr, scale_out_ptr, rows, K, group_k, stride_ar, stride_qr, stride_sr,
                         qmax, eps, IS_INT8: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
-                        ONE_PASS: tl.constexpr):
+                        ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row block, group): ``scale[r, g] = max(amax(a[r, g·gk:(g+1)·gk]), EPS) / qmax``
     for ``BLOCK_R`` rows. ``ONE_PASS`` (``group_k <= BLOCK``): the tile is loaded once and kept."""
+    _pdl_enter(PDL)
     pid_r = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1).to(tl.int64)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)

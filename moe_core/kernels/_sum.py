@@ -10,12 +10,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_core.kernels._gdc import _pdl_enter
+
 __all__ = ["_moe_sum_kernel"]
 
 
 @triton.jit
 def _moe_sum_kernel(down_ptr, out_ptr, M, H, top_k, scale, stride_dm, stride_dk, stride_om,
-                    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)

@@ -13,7 +13,7 @@ import torch
 
 from moe_core.errors import MoEInputError, MoETypeError
 from moe_core.kernels._act import _act_kernel
-from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2
+from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2, pdl_args
 from moe_core.spec import ACTIVATIONS, GATE_UP_LAYOUTS
 
 __all__ = ["activation"]
@@ -98,7 +98,7 @@ def activation(gate_up: torch.Tensor, out: torch.Tensor, *, activation: str, is_
         gate_up.shape[1] // 2, float(alpha if alpha is not None else 1.0), float(limit if limit is not None else 0.0),
         ACT=_ACT_CODE[activation], GATED=is_gated, INTERLEAVED=is_gated and layout == "interleaved",
         HAS_LIMIT=limit is not None and activation != "swiglu_oai", HAS_IDS=ids is not None,
-        BLOCK_S=block_s, BLOCK_N=block_n, num_warps=4)
+        BLOCK_S=block_s, BLOCK_N=block_n, num_warps=4, **pdl_args(target))
     if target is not out:
         out.copy_(target)
     return out

@@ -16,7 +16,7 @@ import torch
 
 from moe_core.align import _check, padded_capacity
 from moe_core.kernels._align import _align_count_kernel, _align_scan_kernel, _align_scatter_kernel
-from moe_core.kernels._launch import cdiv, next_power_of_2
+from moe_core.kernels._launch import cdiv, next_power_of_2, pdl_args
 
 __all__ = ["moe_align_block_size_triton", "SCATTER_INLINE_MAX", "ONE_LAUNCH_MAX"]
 
@@ -76,17 +76,18 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
     rank = torch.empty((numel,), dtype=torch.int32, device=device)
     table = torch.empty((num_chunks, e1_pad), dtype=torch.int32, device=device)
     scan_warps = 4 if e1_pad <= 1024 else 8
+    pdl = pdl_args(ids)
     if not one_launch:
         _align_count_kernel[(num_chunks,)](
             ids, rank, table, sorted_ids, numel, num_experts, P, chunk, num_chunks,
-            E1_PAD=e1_pad, BLOCK_T=_BLOCK_T, BLOCK_P=1024, num_warps=4)
+            E1_PAD=e1_pad, BLOCK_T=_BLOCK_T, BLOCK_P=1024, num_warps=4, **pdl)
     inline = numel <= SCATTER_INLINE_MAX
     _align_scan_kernel[(1,)](
         ids, rank, table, sorted_ids, expert_ids, n_post, numel, num_experts, block_m, num_chunks,
         num_blocks, chunk, P, E1_PAD=e1_pad, G_PAD=g_pad, BT=bt, BLOCK_S=_BLOCK_S, BLOCK_B=1024, SCATTER=inline,
-        COUNT=one_launch, BLOCK_T=_BLOCK_T, BLOCK_P=1024, num_warps=scan_warps)
+        COUNT=one_launch, BLOCK_T=_BLOCK_T, BLOCK_P=1024, num_warps=scan_warps, **pdl)
     if not inline:
         _align_scatter_kernel[(cdiv(numel, _BLOCK_S),)](
             ids, rank, table, sorted_ids, numel, num_experts, chunk, E1_PAD=e1_pad, BLOCK_S=_BLOCK_S,
-            num_warps=4)
+            num_warps=4, **pdl)
     return sorted_ids, expert_ids, n_post

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moe_core.errors import MoEInputError, MoETypeError
-from moe_core.kernels._launch import cdiv
+from moe_core.kernels._launch import cdiv, pdl_args
 
 if TYPE_CHECKING:
     from moe_core.spec import MoELayer, QuantSpec
@@ -219,6 +219,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         GROUP_SIZE_M=config.get("GROUP_SIZE_M", 1),
         **_fused_act_args(activation),
         **({"W_SCALE_UNIFORM": True} if w_scale_uniform else {}),
+        **pdl_args(out),
         **extra,
     )
     return out

@@ -14,7 +14,7 @@ import types
 import torch
 
 from moe_core.errors import MoEInputError, MoETypeError
-from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2
+from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2, pdl_args
 from moe_core.kernels._sum import _moe_sum_kernel
 
 __all__ = ["moe_sum"]
@@ -55,7 +55,7 @@ def moe_sum(down: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.
     block_m = max(1, min(next_power_of_2(M), 2048 // block_h))
     grid = (cdiv(M, block_m), cdiv(H, block_h))
     _moe_sum_kernel[grid](down, target, M, H, k, float(scale), down.stride(0), down.stride(1), target.stride(0),
-                          BLOCK_M=block_m, BLOCK_H=block_h, num_warps=4)
+                          BLOCK_M=block_m, BLOCK_H=block_h, num_warps=4, **pdl_args(target))
     if target is not out:
         out.copy_(target)
     return out

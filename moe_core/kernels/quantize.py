@@ -14,7 +14,7 @@ import logging
 import torch
 
 from moe_core.errors import MoEInputError, MoETypeError
-from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2
+from moe_core.kernels._launch import cdiv, needs_fp32_store, next_power_of_2, pdl_args
 from moe_core.kernels._quantize import _amax_partial_kernel, _quant_group_kernel, _quant_kernel
 from moe_core.quant import EPS, qmax_of
 
@@ -99,7 +99,8 @@ def quantize_activation(a: torch.Tensor, *, qdtype: torch.dtype, per_channel: bo
             block_r = max(1, min(next_power_of_2(rows), 4096 // block))
             _quant_group_kernel[(cdiv(rows, block_r), n_groups)](
                 a, target, scale, rows, K, gk, a.stride(0), target.stride(0), scale.stride(0),
-                qmax, EPS, IS_INT8=is_int8, BLOCK_R=block_r, BLOCK=block, ONE_PASS=gk <= block, num_warps=4)
+                qmax, EPS, IS_INT8=is_int8, BLOCK_R=block_r, BLOCK=block, ONE_PASS=gk <= block, num_warps=4,
+                **pdl_args(target))
         return finish(), scale
     # dynamic per tensor: launch 1 partial amax, launch 2 reduce + quantize
     if rows == 0 or K == 0:
@@ -110,7 +111,7 @@ def quantize_activation(a: torch.Tensor, *, qdtype: torch.dtype, per_channel: bo
     n_partial = min(cdiv(rows, block_r), _MAX_PARTIALS)
     partial = torch.empty((n_partial,), dtype=torch.float32, device=device)
     _amax_partial_kernel[(n_partial,)](a, partial, rows, K, a.stride(0), n_partial,
-                                       BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+                                       BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, **pdl_args(a))
     _launch_scaled(a, target, partial, scale, partial, n_partial, mode=2, qmax=qmax, is_int8=is_int8)
     return finish(), scale
 
@@ -123,4 +124,5 @@ def _launch_scaled(a: torch.Tensor, target: torch.Tensor, scale_in: torch.Tensor
     grid = (cdiv(rows, block_r), cdiv(K, block_k))
     _quant_kernel[grid](a, target, scale_in, scale_out, partial, n_partial, rows, K, a.stride(0),
                         target.stride(0), qmax, EPS, MODE=mode, IS_INT8=is_int8, BLOCK_R=block_r,
-                        BLOCK_K=block_k, BLOCK_P=next_power_of_2(max(n_partial, 1)), num_warps=4)
+                        BLOCK_K=block_k, BLOCK_P=next_power_of_2(max(n_partial, 1)), num_warps=4,
+                        **pdl_args(a))
