@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from moe_core import envs
+
 __all__ = ["cdiv", "interpreting", "needs_fp32_store", "next_power_of_2", "pdl_args"]
 
 
@@ -46,8 +48,6 @@ def pdl_args(t: torch.Tensor) -> dict[str, bool]:
     """Launch arguments that turn on programmatic dependent launch for a kernel on ``t``'s
     device (see :mod:`moe_core.kernels._gdc`): ``PDL`` (the kernel's constexpr) and Triton's
     ``launch_pdl``, on NVIDIA sm_90+ outside the interpreter unless ``MOE_CORE_PDL=0``; else none."""
-    from moe_core import envs
-
     if t.device.type != "cuda" or interpreting(t) or not envs.pdl():
         return {}
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
