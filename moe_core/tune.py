@@ -5,8 +5,8 @@ the backend's ``gemm`` step with aligned inputs (:func:`moe_core.moe_align_block
 the launch config the resolver makes of :func:`moe_core.override_config`. gemm1 is timed with
 its activation, as the forward runs it for that config: one kernel where the backend fuses the
 activation into gemm1 (:meth:`~moe_core.backend.Backend.fuses_activation`), else the GEMM and
-the backend's ``activation`` step. gemm1 and gemm2 are tuned separately; gemm2 (the ``_down`` table) keeps gemm1's ``BLOCK_SIZE_M`` because both
-share one alignment. Each candidate's output is checked against the torch backend before it
+the backend's ``activation`` step. gemm1 and gemm2 are tuned separately; gemm2 (the ``_down``
+table) keeps gemm1's ``BLOCK_SIZE_M`` because both share one alignment. Each candidate's output is checked against the torch backend before it
 is timed (CUDA-graph replays by default; the timer is injectable). Candidates that fail to
 compile or run out of resources are skipped. The backend's default config is timed too and kept
 when it beats every candidate, so a tuned table is never slower than the defaults. Results go to
