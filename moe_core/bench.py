@@ -24,12 +24,12 @@ import json
 import logging
 import math
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from moe_core.timing import median_event_time, time_eager, time_graph
 
 __all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "random_weights", "fp8_block_weights",
            "roofline", "run_bench", "untuned", "with_fused_activation"]
@@ -42,76 +42,21 @@ IMPLS = ("ours", "ours_no_pdl", "ours_unfused", "ours_fused", "ours_default", "o
 REGIMES = {"decode": (1, 8, 64), "middle": (256, 1024), "prefill": (4096, 16384)}
 
 
-def _median_event_time(fn: Callable[[], Any], reps: int, flush: torch.Tensor | None) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs, L2 flushed (outside the timed region) before each."""
-    times = []
-    for _ in range(reps):
-        if flush is not None:
-            flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(times)
-
-
-def _l2_flush_buffer() -> torch.Tensor:
-    return torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-
-
 def measure_ceilings(reps: int = 20) -> dict[str, float]:
     """Copy bandwidth (bytes/s, read + written) and bf16 matmul rate (flop/s) of this GPU."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    t_copy = _median_event_time(lambda: dst.copy_(src), reps, None)
+    t_copy = median_event_time(lambda: dst.copy_(src), reps, None)
     n = 8192
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     for _ in range(5):
         torch.mm(a, b)
-    t_mm = _median_event_time(lambda: torch.mm(a, b), reps, None)
+    t_mm = median_event_time(lambda: torch.mm(a, b), reps, None)
     del src, dst, a, b
     return {"copy_bytes_per_s": 2 * (1 << 30) / t_copy, "mm_flops_per_s": 2 * n ** 3 / t_mm}
-
-
-def time_graph(fn: Callable[[], Any], reps: int = 30) -> float:
-    """Median seconds of CUDA-graph replays of ``fn`` (captured after a warm-up), L2 flushed between."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    flush = _l2_flush_buffer()
-    _warm(graph.replay)
-    return _median_event_time(graph.replay, reps, flush)
-
-
-def _warm(fn: Callable[[], Any], seconds: float = 0.05) -> None:
-    """Run ``fn`` back to back for about ``seconds`` so the GPU's clocks are up before timing:
-    the first point of a run measured 10% slow after the host-side setup let them drop."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    runs = 0
-    while runs < 3 or time.perf_counter() - start < seconds:
-        fn()
-        runs += 1
-        if runs % 8 == 0:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-
-
-def time_eager(fn: Callable[[], Any], reps: int = 10) -> float:
-    """Median seconds of eager calls, L2 flushed between."""
-    fn()
-    return _median_event_time(fn, reps, _l2_flush_buffer())
 
 
 def _act(h: torch.Tensor, layer: Any) -> torch.Tensor:

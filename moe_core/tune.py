@@ -149,11 +149,13 @@ class TuneSpec:
 def _fast_tiles(bm: int) -> list[tuple[int, int, int]]:
     """``(BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps)`` of the fast space for one ``BLOCK_SIZE_M``.
 
-    Small row tiles (decode) stream weights: wide K tiles, 4 warps. Large row tiles (prefill)
-    are matrix-bound: wide N tiles, 8 warps once the accumulator passes 16K elements.
+    Small row tiles (decode) stream weights: wide K tiles, 4 warps, and narrow N tiles too, so
+    that a few experts' weights still spread over every SM (qwen3-30b-a3b at M = 1 is 8 experts
+    × 768 act columns: 48 programs at ``BLOCK_SIZE_N`` 128, 384 at 16). Large row tiles
+    (prefill) are matrix-bound: wide N tiles, 8 warps once the accumulator passes 16K elements.
     """
     if bm <= 32:
-        return [(bn, bk, 4) for bn in (64, 128) for bk in (64, 128, 256)]
+        return [(bn, bk, 4) for bn in (16, 32, 64, 128) for bk in (64, 128, 256)]
     out = []
     for bn in (128, 256):
         size = bm * bn
@@ -168,9 +170,9 @@ def search_space(spec: TuneSpec, gemm: str, M: int, *, fast: bool = False, has_t
 
     Pruning: ``BLOCK_SIZE_M`` up to the (power-of-two) mean slots per expert; ``BLOCK_SIZE_N``
     and ``BLOCK_SIZE_K`` no larger than the problem; ``BLOCK_SIZE_K`` dividing the quant
-    block/group; ``GROUP_SIZE_M > 1`` only with enough row blocks; 8 warps only for large tiles;
-    configs over the shared-memory limit dropped; ``USE_TMA`` variants only for gemm2 when
-    ``has_tma``. ``block_m`` pins ``BLOCK_SIZE_M`` (gemm2 shares gemm1's). ``fast`` keeps the
+    block/group; ``GROUP_SIZE_M > 1`` only with more than one slot (16 covers every order up to
+    16 row blocks); 8 warps only for large tiles; configs over the shared-memory limit dropped;
+    ``USE_TMA`` variants only for gemm2 when ``has_tma``. ``block_m`` pins ``BLOCK_SIZE_M`` (gemm2 shares gemm1's). ``fast`` keeps the
     two largest allowed ``BLOCK_SIZE_M`` and the tile shapes of :func:`_fast_tiles`.
     """
     n_out, K = spec.dims(gemm)
@@ -198,7 +200,7 @@ def search_space(spec: TuneSpec, gemm: str, M: int, *, fast: bool = False, has_t
                     if (bn, k, w) not in out:
                         out.append((bn, k, w))
             return out
-        bns = [b for b in (32, 64, 128, 256) if b <= n_cap] or [32]
+        bns = [b for b in ((16, 32, 64, 128, 256) if bm <= 32 else (32, 64, 128, 256)) if b <= n_cap] or [32]
         return [(bn, bk, w) for bn in bns for bk in fit_k((32, 64, 128, 256))
                 for w in ((4, 8) if bm * bn >= 8192 else (4,))]
 
@@ -206,8 +208,11 @@ def search_space(spec: TuneSpec, gemm: str, M: int, *, fast: bool = False, has_t
     a_bytes, b_bytes = spec.operand_bytes()
     out: list[dict[str, Any]] = []
     for bm in bms:
-        row_blocks = math.ceil(M * spec.top_k / bm)
-        gms = [1] if row_blocks < 16 else ((1, 16) if fast else (1, 16, 32, 64))
+        # GROUP_SIZE_M > 1 runs the row blocks of one column tile together, so an expert with
+        # more rows than one block reads its weight tile once from HBM (then L2), not once per
+        # block; with up to 16 blocks every value above 1 is that same order
+        row_blocks = math.ceil(M * spec.top_k / bm) + min(M * spec.top_k, spec.E)
+        gms = [1] if M * spec.top_k < 2 else ((1, 16) if fast or row_blocks <= 16 else (1, 16, 32, 64))
         for bn, bk, w in tiles(bm):
             for gm in gms:
                 for s in stages:
@@ -230,43 +235,16 @@ def wall_timer(fn: Callable[[], Any], *, reps: int = 3) -> float:
     return (time.perf_counter() - start) * 1e3 / reps
 
 
-def cuda_graph_timer(fn: Callable[[], Any], *, target_ms: float = 2.0, reps: int = 5) -> float:
-    """Median milliseconds of ``fn`` from CUDA-graph replays.
+def cuda_graph_timer(fn: Callable[[], Any], *, reps: int = 15) -> float:
+    """Median milliseconds of ``fn`` as ``moe-core bench`` times a forward: CUDA-graph replays
+    of one call, L2 flushed before each (:func:`moe_core.timing.time_graph`).
 
-    One graph of ``n`` calls (``n`` chosen so a replay lasts about ``target_ms``), replayed
-    ``reps`` times after one warm replay; the median replay over ``n``. About 20 ms per
-    candidate, a tenth of ``triton.testing.do_bench_cudagraph``'s defaults.
+    Timed back to back instead, the weights of a few small experts (qwen3-30b-a3b at M = 1:
+    50 MB) stay in L2 and the tuner preferred tiles that lose once they stream from HBM.
     """
-    import statistics
+    from moe_core.timing import time_graph
 
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    one = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(one):
-        fn()
-    one.replay()
-    start.record()
-    for _ in range(3):
-        one.replay()
-    end.record()
-    end.synchronize()
-    n = max(1, min(400, int(target_ms / max(start.elapsed_time(end) / 3, 1e-3))))
-    del one
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    del graph
-    return float(statistics.median(times))
+    return time_graph(fn, reps=reps, warm_s=0.002) * 1e3
 
 
 def _precompile(bench: _Bench, candidates: Sequence[dict[str, Any]], workers: int | None = None) -> int:

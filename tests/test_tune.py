@@ -91,7 +91,12 @@ def test_search_space_pruning() -> None:
     small = search_space(spec, "up", 1)
     assert {c["BLOCK_SIZE_M"] for c in small} == {16}                # 1·2/8 slots per expert
     assert {c["BLOCK_SIZE_K"] for c in small} <= {32, 64}            # divides bk = 64, <= K = 64
-    assert {c["GROUP_SIZE_M"] for c in small} == {1}
+    assert {c["GROUP_SIZE_M"] for c in small} == {1, 16}               # 2 slots: either block order
+    assert {c["GROUP_SIZE_M"] for c in search_space(spec, "up", 1, fast=True)} == {1, 16}
+    one_slot = TuneSpec(E=8, I=96, H=64, top_k=1, act_dtype=torch.bfloat16)
+    assert {c["GROUP_SIZE_M"] for c in search_space(one_slot, "up", 1)} == {1}   # one block: no order
+    # decode tiles reach down to 16 columns, so a few experts' weights spread over every SM
+    assert min(c["BLOCK_SIZE_N"] for c in search_space(spec, "up", 1, fast=True)) == 16
     assert max(c["BLOCK_SIZE_N"] for c in small) == 256             # N_out = 192 -> up to 256
     big = search_space(spec, "up", 4096)
     assert {c["BLOCK_SIZE_M"] for c in big} == {16, 32, 64, 128}
@@ -300,3 +305,25 @@ def test_tune_times_the_fused_triton_gemm1_under_the_interpreter(tmp_path: Path)
     res = tune(Fused(), spec, out_dir=tmp_path, batch_sizes=[3], gemms=("up",), fast=True,
                timer=lambda fn: 1.0, progress=False)["up"][3]
     assert res.config is not None and res.skipped == res.wrong == 0
+
+
+@pytest.mark.gpu
+def test_tuner_timer_streams_from_hbm_like_the_bench() -> None:
+    """The tuner's timer flushes L2 before each replay, as ``moe-core bench`` does: reading a
+    16 MB buffer (it fits in an H100's L2) times at least as slow as the same read back to back."""
+    from moe_core.timing import median_event_time
+    from moe_core.tune import cuda_graph_timer
+
+    x = torch.ones(4 << 20, dtype=torch.float32, device="cuda")
+    out = torch.empty((), device="cuda")
+    read = lambda: torch.sum(x, dim=0, out=out)  # noqa: E731
+    graph = torch.cuda.CUDAGraph()
+    read()
+    with torch.cuda.graph(graph):
+        read()
+    for _ in range(20):
+        graph.replay()
+    warm_ms = median_event_time(graph.replay, 30, None) * 1e3    # L2-resident after the first replay
+    cold_ms = cuda_graph_timer(read)
+    assert out.item() == x.numel()
+    assert cold_ms > 1.1 * warm_ms, (cold_ms, warm_ms)
