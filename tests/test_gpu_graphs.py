@@ -308,3 +308,44 @@ def test_pdl_changes_no_bit(cuda_backend: str, monkeypatch: pytest.MonkeyPatch) 
             assert torch.equal(on, off), f"M={M} {name}: PDL changed the result"
         ref = oracle_moe(x.cpu(), w1.cpu(), w2.cpu(), tw.cpu(), ti.cpu())
         assert_close_normalized(got["1"][0].double().cpu(), ref, *tolerance_for(torch.bfloat16))
+
+
+def test_one_token_layout_inside_a_capture(cuda_backend: str) -> None:
+    """M = 1 takes the one-token layout (no align kernel). Its constant buffers cannot be made
+    inside a capture (the kernels would never run outside the graph), so a capture that finds them
+    missing aligns with kernels instead; both replay correctly, and an id outside ``[0, E)`` that
+    reaches the GEMM unmasked gives zero rows, never a read of ``w[E]``."""
+    import moe_core
+    from moe_core.kernels import align as kalign
+
+    layer = _layer()
+    weights = _weights(torch.bfloat16)
+    runner = moe_core.MoERunner(layer, backend=cuda_backend)
+    x_s, tw_s, ti_s = _inputs(1, torch.bfloat16, seed=1)
+    for cached in (False, True):
+        with _side_stream():                                   # warm up: compile, make the constants
+            runner.run(x_s, weights, tw_s, ti_s)
+        if not cached:
+            kalign._ONE_TOKEN.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_s = runner.run(x_s, weights, tw_s, ti_s)
+        assert bool(kalign._ONE_TOKEN) is cached               # no constants made during capture
+        for seed in range(3):
+            x, tw, ti = _inputs(1, torch.bfloat16, seed=100 + seed)
+            if seed == 2:
+                ti[0, 1] = E                                   # one past the last expert
+            x_s.copy_(x)
+            tw_s.copy_(tw)
+            ti_s.copy_(ti)
+            out_s.fill_(float("nan"))
+            graph.replay()
+            eager = runner.run(x, weights, tw, ti)
+            torch.cuda.synchronize()
+            assert torch.equal(out_s, eager), f"cached={cached} seed={seed}: replay differs from eager"
+            keep = ti.clone()
+            if seed == 2:
+                keep[0, 1] = -1                                # the oracle's filtered slot: zero
+            ref = oracle_moe(x.cpu(), weights.w1.cpu(), weights.w2.cpu(), tw.cpu(), keep.cpu())
+            assert_close_normalized(out_s.double().cpu(), ref, *tolerance_for(torch.bfloat16))
+        del graph

@@ -392,3 +392,53 @@ def test_kernel_offsets_are_int64():
                     r"offs_tid = pid_m\.to\(tl\.int64\)", r"offs_cn = pid_n\.to\(tl\.int64\)"):
         assert re.search(pattern, src, re.DOTALL), f"_gemm.py: no match for {pattern!r}"
     assert "tl.bfloat16" not in src
+
+
+# -- the one-token layout (M = 1: one block per slot, no align kernel) --------------------
+def test_one_token_layout_shape_and_fallbacks():
+    from moe_core.kernels.align import one_token_blocks
+
+    ids = torch.tensor([[5, -1, 2]], dtype=torch.int32)
+    sorted_ids, expert_ids, n_post = one_token_blocks(ids, 16)
+    assert sorted_ids.tolist() == sum(([b] + [3] * 15 for b in range(3)), [])   # slot b, then sentinel k
+    assert expert_ids.data_ptr() == ids.data_ptr() and expert_ids.tolist() == [5, -1, 2]
+    assert n_post.tolist() == [48]
+    assert one_token_blocks(torch.zeros(2, 3, dtype=torch.int32), 16) is None          # two tokens
+    assert one_token_blocks(torch.zeros(1, 3, dtype=torch.int64), 16) is None          # not int32
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_token_forward_is_bitwise_the_sorted_layout(fused, nan_empty):
+    """A single token through the Triton backend (one block per slot) gives exactly the output of
+    the same kernels over the sorted alignment; filtered (-1) and out-of-range ids give zero rows."""
+    _needs_interpreter()
+    from moe_core.kernels.align import moe_align_block_size_triton, one_token_blocks
+    from moe_core.kernels.gemm import grouped_gemm
+
+    H, I, E, k = 48, 32, 6, 4
+    x, w1, w2, tw, _ = _make(1, H, I, E, k, torch.float16, seed=3)
+    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I)
+
+    class Fused(InterpCuda):
+        fuse_activation = fused
+
+    cfg = _cfg(16, bn=16, bk=16)
+    with moe_core.override_config(cfg):
+        ids = torch.tensor([[4, 0, 5, 2]], dtype=torch.int32)
+        out = moe_core.fused_experts(x, w1, w2, tw, ids, backend=Fused())
+    ref = oracle_moe(x, w1, w2, tw, ids, round_intermediate=torch.float16)
+    assert_close_normalized(out, ref, *tolerance_for(torch.float16))
+
+    # gemm1 on both layouts, bitwise; ids -1 and E (outside [0, E): never read w[E]) give zero rows
+    ids = torch.tensor([[3, -1, E, 1]], dtype=torch.int32)
+    got = {}
+    for name, aligned in (("one", one_token_blocks(ids, 16)),
+                          ("sorted", moe_align_block_size_triton(ids, 16, E))):
+        out1 = torch.full((k, I if fused else 2 * I), float("nan"), dtype=torch.float16)
+        grouped_gemm(x, w1, out1, a_scale=None, w_scale=None, w_zp=None, bias=None, topk_weights=tw,
+                     sorted_token_ids=aligned[0], expert_ids=aligned[1], num_tokens_post_padded=aligned[2],
+                     top_k=k, mul_routed_weight=False, quant=QuantSpec.none(), config=cfg,
+                     activation=layer if fused else None)
+        got[name] = out1
+    assert torch.equal(got["one"], got["sorted"])
+    assert not got["one"][[1, 2]].any() and got["one"][[0, 3]].abs().sum() > 0

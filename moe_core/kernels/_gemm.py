@@ -103,7 +103,7 @@ def _block_rescaled(acc, part, a_s, w_s, W_SCALE_UNIFORM: tl.constexpr):
 
 # EM and num_valid_tokens change with every batch size; specialising them (divisibility by 16)
 # would compile each config twice or more as M varies, for no faster code.
-@triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
+@triton.jit(do_not_specialize=["EM", "num_valid_tokens", "num_experts"])
 def _grouped_gemm_kernel(
     a_ptr, w_ptr, out_ptr,
     a_scale_ptr, w_scale_ptr, w_zp_ptr, bias_ptr, topk_weights_ptr,
@@ -117,7 +117,7 @@ def _grouped_gemm_kernel(
     stride_zpe, stride_zpn, stride_zpk,
     stride_be, stride_bn,
     stride_tw,
-    group_n, group_k,
+    group_n, group_k, num_experts,
     QUANT: tl.constexpr,
     HAS_ZP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -164,9 +164,10 @@ def _grouped_gemm_kernel(
     out_ptrs = out_ptr + offs_token[:, None] * stride_om + offs_cn[None, :] * stride_on
     out_mask = token_mask[:, None] & (offs_cn[None, :] < N)
 
-    # 2. expert -1 (filtered slots): zero rows, never touch w[-1]
+    # 2. expert -1 (filtered slots) or outside [0, E) (the one-token layout passes the routed ids
+    #    unchecked): zero rows, never touch w[-1] or w[E]
     off_expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if off_expert == -1:
+    if (off_expert < 0) | (off_expert >= num_experts):
         zeros = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=out_ptr.dtype.element_ty)
         tl.store(out_ptrs, zeros, mask=out_mask)
         return

@@ -18,7 +18,7 @@ from moe_core.align import _check, padded_capacity
 from moe_core.kernels._align import _align_count_kernel, _align_scan_kernel, _align_scatter_kernel
 from moe_core.kernels._launch import cdiv, next_power_of_2, pdl_args
 
-__all__ = ["moe_align_block_size_triton", "SCATTER_INLINE_MAX", "ONE_LAUNCH_MAX"]
+__all__ = ["moe_align_block_size_triton", "one_token_blocks", "SCATTER_INLINE_MAX", "ONE_LAUNCH_MAX"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +91,39 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int,
             ids, rank, table, sorted_ids, numel, num_experts, chunk, E1_PAD=e1_pad, BLOCK_S=_BLOCK_S,
             num_warps=4, **pdl)
     return sorted_ids, expert_ids, n_post
+
+
+#: the constant buffers of :func:`one_token_blocks`, per (device, k, block_m)
+_ONE_TOKEN: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def one_token_blocks(topk_ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The alignment of a single token (M = 1) without a kernel: one block per slot, in slot order.
+
+    One token's k slots go to k experts, so grouping them by expert (SEMANTICS §6) only orders k
+    one-row blocks. The grouped GEMM computes each row the same in any block, so results are
+    bitwise those of the sorted layout, and the forward at M = 1 saves the align launch (a
+    one-program kernel of ~5 µs on an H200, plus its launch boundary).
+
+    :param topk_ids: [1, k] int32 local ids.
+    :returns: ``sorted_token_ids`` [k·block_m] (block ``b`` holds slot ``b``, then the sentinel
+        ``k``), ``expert_ids`` = the ids themselves (a view; the GEMM turns ids outside ``[0, E)``
+        into zero rows, as bucket −1 of the sorted layout), ``num_tokens_post_padded`` =
+        [k·block_m]; or None while a CUDA graph is being captured and the two constant buffers
+        (made once per device, k and ``block_m``) do not exist yet: kernels captured to make them
+        would never have run outside the graph.
+    """
+    k = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1)
+    if topk_ids.shape[0] != 1 or ids.dtype != torch.int32 or not ids.is_contiguous():
+        return None
+    key = (str(topk_ids.device), k, block_m)
+    consts = _ONE_TOKEN.get(key)
+    if consts is None:
+        if topk_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        sorted_ids = torch.full((k * block_m,), k, dtype=torch.int32, device=topk_ids.device)
+        sorted_ids[::block_m] = torch.arange(k, dtype=torch.int32, device=topk_ids.device)
+        n_post = torch.full((1,), k * block_m, dtype=torch.int32, device=topk_ids.device)
+        consts = _ONE_TOKEN.setdefault(key, (sorted_ids, n_post))
+    return consts[0], ids, consts[1]

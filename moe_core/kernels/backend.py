@@ -163,6 +163,15 @@ class TritonBackend(Backend):
     # -- steps -----------------------------------------------------------------------
     def align(self, topk_ids: torch.Tensor, block_m: int,
               num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step 3 in Triton (SEMANTICS §6); a single token (M = 1) takes one block per slot in
+        slot order without a kernel (:func:`moe_core.kernels.align.one_token_blocks`), which our
+        grouped GEMM reads like the sorted layout. A subclass with its own ``gemm`` that needs
+        the sorted layout overrides this."""
+        if topk_ids.shape[0] == 1:
+            one = _kernel_function("moe_core.kernels.align", "one_token_blocks")
+            got = one(topk_ids, block_m) if one is not None else None
+            if got is not None:
+                return got
         fn = _kernel_function("moe_core.kernels.align", "moe_align_block_size_triton")
         if fn is None:
             return super().align(topk_ids, block_m, num_experts)

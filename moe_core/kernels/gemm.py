@@ -124,7 +124,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     :param bias: optional [E, N_out] bias in the compute dtype.
     :param topk_weights: [M, k] fp32, ``stride(1) == 1``; read only when ``mul_routed_weight``.
     :param sorted_token_ids: [P] int32 slots grouped by expert, sentinel ``S``.
-    :param expert_ids: [cdiv(P, BLOCK_SIZE_M)] int32 expert of each block (``-1``: filtered).
+    :param expert_ids: [cdiv(P, BLOCK_SIZE_M)] int32 expert of each block (``-1`` or any id
+        outside ``[0, E)``: filtered, zero rows).
     :param num_tokens_post_padded: [1] int32 on the device.
     :param top_k: slots per row of ``a`` (k for gemm1, 1 for gemm2).
     :param mul_routed_weight: multiply each row by its slot's routed weight.
@@ -205,7 +206,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         zp_strides[0], zp_strides[1], zp_strides[2],
         b_strides[0], b_strides[1],
         topk_weights.stride(0),
-        group_n, group_k,
+        group_n, group_k, w.shape[0],
         QUANT=mode,
         HAS_ZP=w_zp is not None,
         HAS_BIAS=bias is not None,
