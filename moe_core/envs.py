@@ -17,6 +17,7 @@ __all__ = [
     "debug",
     "deterministic",
     "pdl",
+    "forward_state",
     "ENV_VARS",
 ]
 
@@ -76,6 +77,14 @@ def pdl() -> bool:
     (on by default on NVIDIA sm_90+, where each kernel's launch overlaps the end of the one
     before). Default: on."""
     return os.environ.get("MOE_CORE_PDL", "").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def forward_state() -> tuple[str | None, ...]:
+    """The raw values of every variable that can change what one forward launches
+    (``MOE_CORE_CONFIG_DIR``, ``_DETERMINISTIC``, ``_DEBUG``, ``_PDL``): a replayed CUDA graph
+    is reused only while these are as they were when it was captured."""
+    get = os.environ.get
+    return (get("MOE_CORE_CONFIG_DIR"), get("MOE_CORE_DETERMINISTIC"), get("MOE_CORE_DEBUG"), get("MOE_CORE_PDL"))
 
 
 #: name -> one-line description, for the README and ``moe-core --help``.
