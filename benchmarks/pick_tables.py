@@ -35,7 +35,7 @@ def _table(path: Path) -> dict[str, dict]:
 def main() -> None:
     import moe_core
     from moe_core import config_files
-    from moe_core.bench import random_weights
+    from moe_core.bench import fp8_block_weights, random_weights
     from moe_core.presets import PRESETS
     from moe_core.timing import time_graph
     from tqdm.auto import tqdm
@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="routings per batch size")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timings per routing and table set")
     p.add_argument("--margin", type=float, default=0.02, help="the candidate must be this much faster")
+    p.add_argument("--dtype", choices=("bfloat16", "fp8"), default="bfloat16",
+                   help="bf16 weights, or fp8 block [128,128] w8a8 (bf16 activations either way)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -62,7 +64,8 @@ def main() -> None:
         preset = PRESETS[model]
         layer = preset.layer()
         E, H, I = layer.num_local_experts, layer.hidden_size, layer.intermediate_size
-        names = [f"E={E},N={I},device_name={device}.json", f"E={E},N={I},device_name={device}_down.json"]
+        quant = ",dtype=fp8_w8a8,block_shape=[128,128]" if args.dtype == "fp8" else ""
+        names = [f"E={E},N={I},device_name={device}{quant}.json", f"E={E},N={I},device_name={device}{quant}_down.json"]
         shipped = [_table(shipped_dir / folder / n) for n in names]
         cand = [_table(cand_dir / folder / n) for n in names]
         if not all(cand):
@@ -71,7 +74,7 @@ def main() -> None:
         merged = [dict(t) for t in shipped]
         gen = torch.Generator(device="cuda").manual_seed(0)
         w1, w2 = random_weights(layer, gen)
-        weights = moe_core.ExpertWeights(w1, w2)
+        weights = fp8_block_weights(w1, w2) if args.dtype == "fp8" else moe_core.ExpertWeights(w1, w2)
         runner = moe_core.MoERunner(layer, backend="cuda")
         sizes = sorted(int(m) for m in cand[0] if int(m) <= args.max_tokens and m in shipped[0])
         for M in tqdm(sizes, desc=model, disable=None):
