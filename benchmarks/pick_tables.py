@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--shipped", default="backends/cuda/configs", help="folder holding the shipped triton_X_Y_Z/")
     p.add_argument("--out", required=True, help="merged tables go to OUT/triton_X_Y_Z/")
     p.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b,deepseek-v2-lite,gpt-oss-20b")
+    p.add_argument("--min-tokens", type=int, default=1, help="compare batch sizes from this")
     p.add_argument("--max-tokens", type=int, default=1024, help="compare batch sizes up to this")
     p.add_argument("--seeds", type=int, default=2, help="routings per batch size")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timings per routing and table set")
@@ -76,7 +77,7 @@ def main() -> None:
         w1, w2 = random_weights(layer, gen)
         weights = fp8_block_weights(w1, w2) if args.dtype == "fp8" else moe_core.ExpertWeights(w1, w2)
         runner = moe_core.MoERunner(layer, backend="cuda")
-        sizes = sorted(int(m) for m in cand[0] if int(m) <= args.max_tokens and m in shipped[0])
+        sizes = sorted(int(m) for m in cand[0] if args.min_tokens <= int(m) <= args.max_tokens and m in shipped[0])
         for M in tqdm(sizes, desc=model, disable=None):
             times: dict[str, list[float]] = {"shipped": [], "candidate": []}
             for _ in range(args.seeds):

@@ -168,7 +168,7 @@ def search_space(spec: TuneSpec, gemm: str, M: int, *, fast: bool = False, has_t
                  smem_limit: int | None = None, block_m: int | None = None) -> list[dict[str, Any]]:
     """The pruned candidate configs of ``gemm`` at batch size ``M``.
 
-    Pruning: ``BLOCK_SIZE_M`` up to the (power-of-two) mean slots per expert; ``BLOCK_SIZE_N``
+    Pruning: ``BLOCK_SIZE_M`` up to twice the (power-of-two) mean slots per expert; ``BLOCK_SIZE_N``
     and ``BLOCK_SIZE_K`` no larger than the problem; ``BLOCK_SIZE_K`` dividing the quant
     block/group; ``GROUP_SIZE_M > 1`` only with more than one slot (16 covers every order up to
     16 row blocks); 8 warps only for large tiles; configs over the shared-memory limit dropped;
@@ -177,7 +177,9 @@ def search_space(spec: TuneSpec, gemm: str, M: int, *, fast: bool = False, has_t
     """
     n_out, K = spec.dims(gemm)
     per_expert = math.ceil(M * spec.top_k / spec.E)
-    bm_cap = max(16, min(128, _pow2_at_least(per_expert)))
+    # one size above the mean too: counts scatter around it, and a block that holds all of an
+    # expert's rows streams its weights once (mixtral-8x7b M = 64: 16 ± 4 rows per expert)
+    bm_cap = max(16, min(128, 2 * _pow2_at_least(per_expert)))
     bms = [block_m] if block_m is not None else [b for b in (16, 32, 64, 128) if b <= bm_cap]
     if fast and block_m is None:
         bms = bms[-2:]

@@ -98,6 +98,8 @@ def test_search_space_pruning() -> None:
     # decode tiles reach down to 16 columns, so a few experts' weights spread over every SM
     assert min(c["BLOCK_SIZE_N"] for c in search_space(spec, "up", 1, fast=True)) == 16
     assert max(c["BLOCK_SIZE_N"] for c in small) == 256             # N_out = 192 -> up to 256
+    # 16 ± 4 rows per expert at M = 64: a 32-row block holds all of them (weights streamed once)
+    assert {c["BLOCK_SIZE_M"] for c in search_space(spec, "up", 64, fast=True)} == {16, 32}
     big = search_space(spec, "up", 4096)
     assert {c["BLOCK_SIZE_M"] for c in big} == {16, 32, 64, 128}
     assert {c["GROUP_SIZE_M"] for c in big} == {1, 16, 32, 64}
