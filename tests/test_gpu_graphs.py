@@ -13,6 +13,7 @@ import torch
 from moe_core import ops
 from moe_core.spec import ExpertWeights, MoELayer, QuantSpec
 from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
+from tests.graph_replay import replay_fresh
 
 pytestmark = pytest.mark.gpu
 
@@ -115,12 +116,8 @@ def test_graph_capture_replay_with_padding(cuda_backend: str, dtype: torch.dtype
                 for row in range(n, bs):                       # padded rows: stale ids, junk weights
                     ti[row] = STALE[row % len(STALE)]
                     tw[row] = float("nan")
-                x_s.copy_(x)
-                tw_s.copy_(tw)
-                ti_s.copy_(ti)
                 nv_s.fill_(n)
-                out_s.fill_(float("nan"))
-                graph.replay()
+                replay_fresh(graph, (x_s, tw_s, ti_s), (x, tw, ti), out_s)
                 eager = ops.fused_experts_op(x, weights, tw, ti, handle=handle, n_valid=n)
                 torch.cuda.synchronize()
                 assert torch.isfinite(out_s).all(), f"bs={bs} n_valid={n}: non-finite rows after replay"
@@ -149,13 +146,7 @@ def test_two_layers_in_one_graph(cuda_backend: str) -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out_s = two(x_s)
-        x, tw, ti = _inputs(16, dtype, seed=4)
-        x_s.copy_(x)
-        tw_s.copy_(tw)
-        ti_s.copy_(ti)
-        out_s.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        replay_fresh(graph, (x_s, tw_s, ti_s), _inputs(16, dtype, seed=4), out_s)
         assert torch.equal(out_s, two(x_s))
     finally:
         ops.release(h1)
@@ -335,13 +326,8 @@ def test_one_token_layout_inside_a_capture(cuda_backend: str) -> None:
             x, tw, ti = _inputs(1, torch.bfloat16, seed=100 + seed)
             if seed == 2:
                 ti[0, 1] = E                                   # one past the last expert
-            x_s.copy_(x)
-            tw_s.copy_(tw)
-            ti_s.copy_(ti)
-            out_s.fill_(float("nan"))
-            graph.replay()
+            replay_fresh(graph, (x_s, tw_s, ti_s), (x, tw, ti), out_s)
             eager = runner.run(x, weights, tw, ti)
-            torch.cuda.synchronize()
             assert torch.equal(out_s, eager), f"cached={cached} seed={seed}: replay differs from eager"
             keep = ti.clone()
             if seed == 2:

@@ -12,6 +12,7 @@ import moe_core
 from moe_core.graphs import MAX_GRAPHS
 from moe_core.spec import ExpertWeights, MoELayer
 from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
+from tests.graph_replay import replay_fresh
 
 pytestmark = pytest.mark.gpu
 
@@ -144,12 +145,7 @@ def test_inside_a_callers_capture_nothing_is_cached(cuda_backend: str) -> None:
     assert graphed.num_cached_graphs == 0
     for seed in (2, 3):
         x, tw, ti = _inputs(8, seed=seed)
-        x_s.copy_(x)
-        tw_s.copy_(tw)
-        ti_s.copy_(ti)
-        out_s.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        replay_fresh(graph, (x_s, tw_s, ti_s), (x, tw, ti), out_s)
         assert torch.equal(out_s, plain.run(x, weights, tw, ti))
     assert graphed.num_cached_graphs == 0
 
