@@ -405,6 +405,14 @@ def test_one_token_layout_shape_and_fallbacks():
     assert n_post.tolist() == [48]
     assert one_token_blocks(torch.zeros(2, 3, dtype=torch.int32), 16) is None          # two tokens
     assert one_token_blocks(torch.zeros(1, 3, dtype=torch.int64), 16) is None          # not int32
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe_core.kernels import align as kalign
+
+    before = dict(kalign._ONE_TOKEN)
+    with FakeTensorMode() as mode:                                                      # a tracer's tensors
+        assert one_token_blocks(mode.from_tensor(torch.zeros(1, 5, dtype=torch.int32)), 32) is None
+    assert kalign._ONE_TOKEN == before
 
 
 @pytest.mark.parametrize("fused", [False, True])

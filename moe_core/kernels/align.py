@@ -117,6 +117,8 @@ def one_token_blocks(topk_ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor
     ids = topk_ids.reshape(-1)
     if topk_ids.shape[0] != 1 or ids.dtype != torch.int32 or not ids.is_contiguous():
         return None
+    if type(topk_ids) is not torch.Tensor:     # a tracer's fake tensor must not enter the cache
+        return None
     key = (str(topk_ids.device), k, block_m)
     consts = _ONE_TOKEN.get(key)
     if consts is None:
