@@ -316,7 +316,6 @@ def test_tuner_times_like_the_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tuner's GPU timer is the bench's (one call per CUDA graph, L2 flushed before each
     replay): timed back to back, a few small experts' weights stay in L2 and the tuner ranked
     tiles by a cache the forward never has."""
-    from moe_core import timing
     from moe_core.tune import cuda_graph_timer
 
     calls = []
@@ -325,7 +324,9 @@ def test_tuner_times_like_the_bench(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append((fn, reps, warm_s))
         return 2.5e-5
 
-    monkeypatch.setattr(timing, "time_graph", fake_time_graph)
+    # by import path: other tests re-import moe_core modules, so a module object held here
+    # may not be the one the tuner imports from
+    monkeypatch.setattr("moe_core.timing.time_graph", fake_time_graph)
     fn = lambda: None  # noqa: E731
     assert cuda_graph_timer(fn) == pytest.approx(0.025)          # milliseconds
     assert len(calls) == 1 and calls[0][0] is fn and calls[0][1] >= 10
