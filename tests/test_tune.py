@@ -316,6 +316,8 @@ def test_tuner_times_like_the_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tuner's GPU timer is the bench's (one call per CUDA graph, L2 flushed before each
     replay): timed back to back, a few small experts' weights stay in L2 and the tuner ranked
     tiles by a cache the forward never has."""
+    import importlib
+
     from moe_core.tune import cuda_graph_timer
 
     calls = []
@@ -324,9 +326,9 @@ def test_tuner_times_like_the_bench(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append((fn, reps, warm_s))
         return 2.5e-5
 
-    # by import path: other tests re-import moe_core modules, so a module object held here
-    # may not be the one the tuner imports from
-    monkeypatch.setattr("moe_core.timing.time_graph", fake_time_graph)
+    # the module the tuner's import will find (sys.modules): an in-process pytester run elsewhere in
+    # this worker restores sys.modules afterwards, so moe_core's ``timing`` attribute may be stale
+    monkeypatch.setattr(importlib.import_module("moe_core.timing"), "time_graph", fake_time_graph)
     fn = lambda: None  # noqa: E731
     assert cuda_graph_timer(fn) == pytest.approx(0.025)          # milliseconds
     assert len(calls) == 1 and calls[0][0] is fn and calls[0][1] >= 10
