@@ -142,10 +142,11 @@ class GraphCache:
         """The fast path of a repeated call: when an earlier call with the same
         :func:`call_signature` was validated and captured, replay its graph without
         :func:`moe_core.sequence.prepare` (which costs more host time than the replay itself at
-        M = 1); else None. Never under ``override_config``, whose dict the signature does not hold.
+        M = 1); else None. Never under ``override_config``, whose dict the signature does not hold,
+        nor with ``MOE_CORE_DEBUG=1``, which checks the id and weight values of every call.
         """
-        if not self._known or get_override() is not None:
-            return None
+        if not self._known or get_override() is not None or envs.debug():
+            return None      # MOE_CORE_DEBUG checks the values of every call: prepare must run
         try:
             sig = call_signature(x, weights, topk_weights, topk_ids, inplace=inplace, no_combine=no_combine)
         except (AttributeError, TypeError):      # not tensors: prepare names what is wrong

@@ -192,6 +192,10 @@ def test_known_signature_replays_without_prepare(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MOE_CORE_CONFIG_DIR", "/nonexistent")
     assert cache.replay_known(x2, w, tw2, ti2, **flags) is None, "env"
     monkeypatch.delenv("MOE_CORE_CONFIG_DIR")
+    monkeypatch.setenv("MOE_CORE_DEBUG", "1")          # value checks on every call: never skip prepare
+    cache._remember(next(iter(cache._graphs)), x2, w, tw2, ti2, inplace=False, no_combine=False, out=None)
+    assert cache.replay_known(x2, w, tw2, ti2, **flags) is None, "MOE_CORE_DEBUG"
+    monkeypatch.delenv("MOE_CORE_DEBUG")
     with moe_core.override_config({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}):
         assert cache.replay_known(x2, w, tw2, ti2, **flags) is None, "override_config"
     assert cache.replay_known(x2, w, tw2, ti2, **flags) is not None
