@@ -192,6 +192,7 @@ class GraphCache:
         self._remember(key, x, weights, topk_weights, topk_ids, inplace=inplace, no_combine=no_combine, out=out)
         if len(self._graphs) > self.max_graphs:
             dropped, _ = self._graphs.popitem(last=False)
+            self._forget_dropped()
             logger.debug("graph cache full (%d graphs): dropped the one of M=%d", self.max_graphs, dropped[0][0])
         return result
 
@@ -202,10 +203,14 @@ class GraphCache:
         (not with ``out=``, whose aliasing checks depend on its pointer, nor under ``override_config``)."""
         if out is not None or get_override() is not None:
             return
-        if len(self._known) >= 8 * self.max_graphs:     # stale signatures of dropped graphs
-            self._known = {s: k for s, k in self._known.items() if k[0] in self._graphs}
         sig = call_signature(x, weights, topk_weights, topk_ids, inplace=inplace, no_combine=no_combine)
         self._known[sig] = (key, weights)
+        while len(self._known) > 4 * self.max_graphs:   # e.g. a new ExpertWeights wrapper every call
+            del self._known[next(iter(self._known))]     # oldest first
+
+    def _forget_dropped(self) -> None:
+        """Drop the signatures of graphs no longer held (and the weights objects they keep alive)."""
+        self._known = {s: k for s, k in self._known.items() if k[0] in self._graphs}
 
 
 def _capture(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,

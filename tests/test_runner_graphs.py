@@ -206,3 +206,22 @@ def test_known_signature_replays_without_prepare(monkeypatch: pytest.MonkeyPatch
     assert len(captured) == 1 and cache.replay_known(x2, w_new, tw2, ti2, **flags) is not None
     cache.clear()
     assert cache.replay_known(x2, w, tw2, ti2, **flags) is None
+
+
+def test_known_signatures_stay_bounded_and_follow_evictions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new ``ExpertWeights`` wrapper every call adds a signature each time: the map of known
+    signatures stays bounded, and an evicted graph takes its signatures (and the weights objects
+    they hold) with it."""
+    monkeypatch.setattr(graphs, "_capture", lambda plan, x, weights, *a, **kw: _FakeGraph(plan, weights))
+    cache = GraphCache(max_graphs=2)
+    x, w, tw, ti = _problem(M=2)
+    for _ in range(20):
+        wrapper = moe_core.ExpertWeights(w.w1, w.w2)
+        cache.run(_plan(x, wrapper, tw, ti), x, wrapper, tw, ti)
+    assert len(cache) == 1 and len(cache._known) <= 4 * cache.max_graphs
+    for M in (1, 3):                                   # two more shapes evict the M=2 graph
+        xm, wm, twm, tim = _problem(M=M, seed=M)
+        cache.run(_plan(xm, wm, twm, tim), xm, wm, twm, tim)
+    assert cache.token_counts() == [1, 3]
+    assert all(key in cache._graphs for key, _ in cache._known.values())
+    assert cache.replay_known(x, moe_core.ExpertWeights(w.w1, w.w2), tw, ti, inplace=False, no_combine=False) is None
