@@ -28,9 +28,6 @@ logger = logging.getLogger(__name__)
 #: graphs one :class:`GraphCache` keeps; the least recently used one is dropped beyond this
 MAX_GRAPHS = 16
 
-_QUANT_TENSORS = ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "w1_zp", "w2_zp")
-
-
 def _tensor_key(t: torch.Tensor | None) -> Hashable:
     # the graph bakes in the pointer; shape, stride and dtype decide the kernels' arguments
     return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
@@ -51,7 +48,7 @@ def graph_key(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_ids: tor
     return (x.shape, x.dtype, x.device, topk_ids.shape, topk_ids.dtype, inplace, no_combine, out is not None,
             _tensor_key(weights.w1), _tensor_key(weights.w2), _tensor_key(weights.b1), _tensor_key(weights.b2),
             q.scheme, q.per_channel, q.block_shape, q.group_size,
-            *(_tensor_key(getattr(q, name)) for name in _QUANT_TENSORS),
+            *(_tensor_key(getattr(q, name)) for name in q.TENSOR_FIELDS),
             # ids are stable: the entry holds the plan, so backend and layer outlive the key
             id(plan.backend), id(plan.layer), tuple(sorted(plan.config.items())),
             tuple(sorted(plan.down_config.items())), plan.fused_activation)

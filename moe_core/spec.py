@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import attrs
 import torch
@@ -235,6 +235,9 @@ class QuantSpec:
     group_size: int | None = None
     w1_zp: torch.Tensor | None = _tensor_field()
     w2_zp: torch.Tensor | None = _tensor_field()
+
+    #: names of the tensor fields (scales and zero points), in declaration order
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "w1_zp", "w2_zp")
 
     @classmethod
     def none(cls) -> QuantSpec:

@@ -58,9 +58,8 @@ def _check_scale_tensors(quant: QuantSpec, device: torch.device) -> None:
     The named constructors of :class:`QuantSpec` check most of this already; a spec built
     with the plain attrs ``__init__`` reaches here unchecked, so nothing is assumed.
     """
-    names = ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "w1_zp", "w2_zp")
     if not quant.is_quantized:
-        for name in names:
+        for name in QuantSpec.TENSOR_FIELDS:
             if getattr(quant, name) is not None:
                 raise MoEInputError(f"{name}: a scale was given but the quantization scheme is 'none'")
         if quant.per_channel or quant.block_shape is not None or quant.group_size is not None:
@@ -88,7 +87,7 @@ def _check_scale_tensors(quant: QuantSpec, device: torch.device) -> None:
             raise MoEInputError("w1_zp: per-channel int8_w8a16 has no zero points; pass group_size")
     elif quant.group_size is not None or quant.w1_zp is not None or quant.w2_zp is not None:
         raise MoEInputError(f"quant: group_size / zero points belong to weight-only schemes, not {quant.scheme}")
-    for name in names:
+    for name in QuantSpec.TENSOR_FIELDS:
         t = getattr(quant, name)
         if t is None:
             continue
@@ -253,8 +252,7 @@ def _check_out(out: object, x: torch.Tensor, weights: ExpertWeights, topk_weight
     quant = weights.quant
     inputs = (("x", x), ("w1", weights.w1), ("w2", weights.w2), ("b1", weights.b1), ("b2", weights.b2),
               ("topk_weights", topk_weights), ("topk_ids", topk_ids),
-              *((name, getattr(quant, name)) for name in ("w1_scale", "w2_scale", "a1_scale", "a2_scale",
-                                                          "w1_zp", "w2_zp")))
+              *((name, getattr(quant, name)) for name in quant.TENSOR_FIELDS))
     for name, t in inputs:
         if isinstance(t, torch.Tensor) and _overlaps(out, t):
             raise MoEInputError(f"out: shares memory with {name}; pass a separate buffer"

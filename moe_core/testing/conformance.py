@@ -113,8 +113,7 @@ class _Case:
         import moe_core
 
         q = self.quant
-        quant = attrs.evolve(q, **{name: self.on_device(getattr(q, name)) for name in
-                                   ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "w1_zp", "w2_zp")})
+        quant = attrs.evolve(q, **{name: self.on_device(getattr(q, name)) for name in q.TENSOR_FIELDS})
         return moe_core.ExpertWeights(self.on_device(self.w1), self.on_device(self.w2), quant=quant)
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
