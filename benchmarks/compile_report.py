@@ -90,7 +90,7 @@ _LAUNCHES: list = []      # (name, kernel, args, kwargs) of the current forward
 
 
 def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, fp8: bool = False,
-                   fuse: bool = False, pdl: bool = False) -> list:
+                   fuse: bool = False, pdl: bool = False, tma: bool = False) -> list:
     """The kernel launches of one forward of ``model`` at ``M`` tokens, as a CUDA run makes them."""
     import importlib
 
@@ -118,6 +118,8 @@ def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, 
 
         fuse_activation = fuse
         fuse_activation_max_tile = None      # --fuse: every tile, to read the fused kernel's cost
+        def uses_weight_tma(self, config: Any, quant: Any, activation: Any) -> bool:
+            return tma      # --tma: weight tiles through TMA at every tile
 
         def is_available(self) -> tuple[bool, str]:
             return True, ""
@@ -160,6 +162,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--fp8", action="store_true", help="fp8 w8a8 block [128,128] weights")
     p.add_argument("--fuse", action="store_true", help="the activation fused into gemm1 at every tile")
+    p.add_argument("--tma", action="store_true", help="weight tiles through tensor descriptors (TMA)")
     p.add_argument("--pdl", action="store_true", help="kernels launched with programmatic dependent launch")
     p.add_argument("--capability", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     p.add_argument("--config", default=None, help="JSON config for both GEMMs instead of the tuned tables")
@@ -172,7 +175,7 @@ def main() -> None:
     seen: dict = {}
     for M in (int(t) for t in args.tokens.split(",")):
         for name, kernel, largs, lkwargs in record_forward(args.model, M, getattr(torch, args.dtype), config, args.fp8,
-                                                           args.fuse, args.pdl):
+                                                           args.fuse, args.pdl, args.tma):
             meta = {k: v for k, v in lkwargs.items() if k.isupper() and k.startswith(("BLOCK", "GROUP", "FUSE", "PDL"))}
             meta.update({k: lkwargs[k] for k in ("num_warps", "num_stages") if k in lkwargs})
             key = (name, json.dumps(meta, sort_keys=True))

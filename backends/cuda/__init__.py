@@ -31,6 +31,17 @@ class CudaBackend(TritonBackend):
     #: times gemm1 with its activation), so every tile fuses.
     fuse_activation = True
 
+    def uses_weight_tma(self, config: dict[str, Any], quant: Any, activation: Any) -> bool:
+        """Weight tiles through TMA on sm90+ for bf16/fp16 weights at one-block decode tiles
+        (``BLOCK_SIZE_M`` 16) and at prefill tiles of at least 128 × 128 weight rows; measured
+        on the H200 (benchmarks/NOTES.md, attempt 21): 2-17% faster there, slower at the
+        32-row and 64-row-box tiles of the tables and for fp8."""
+        if quant.scheme != "none" or not self.has_tma():
+            return False
+        bm = config["BLOCK_SIZE_M"]
+        rows = config["BLOCK_SIZE_N"] // (2 if activation is not None and activation.is_gated else 1)
+        return bm == 16 or (bm >= 128 and rows >= 128)
+
     def is_available(self) -> tuple[bool, str]:
         if getattr(torch.version, "hip", None):
             return False, f"torch is a ROCm build (HIP {torch.version.hip}); use the 'hip' backend"

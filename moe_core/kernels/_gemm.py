@@ -25,6 +25,12 @@ non-gated (``FUSE_ACT == 2``): ``act(acc)``. Gate and up are rounded to the outp
 the activation, as the unfused path stores them, so the output is bitwise the unfused one.
 Off (``0``), the kernel is the plain GEMM.
 
+Weight tiles through a tensor descriptor (``W_TMA``, sm90+, plain and w8a8 modes, weights
+contiguous, not the interleaved gated layout): ``w_desc`` views ``w`` as [E·N_w, K] with
+[BLOCK_SIZE_N, BLOCK_SIZE_K] boxes, so each K step is one TMA copy per weight tile (the K tail
+is zero-filled by the copy). Rows past an expert's ``N_w`` belong to the next expert (or are
+zero-filled past the end); they only feed columns the store masks, as the wrapped columns do.
+
 Every offset that scales with tokens, slots, experts or program ids is int64.
 """
 
@@ -105,7 +111,7 @@ def _block_rescaled(acc, part, a_s, w_s, W_SCALE_UNIFORM: tl.constexpr):
 # would compile each config twice or more as M varies, for no faster code.
 @triton.jit(do_not_specialize=["EM", "num_valid_tokens", "num_experts"])
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, out_ptr,
+    a_ptr, w_ptr, w_desc, out_ptr,
     a_scale_ptr, w_scale_ptr, w_zp_ptr, bias_ptr, topk_weights_ptr,
     sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
     N, K, EM, num_valid_tokens, top_k, weights_k,
@@ -136,6 +142,7 @@ def _grouped_gemm_kernel(
     ALPHA: tl.constexpr = 1.0,
     LIMIT: tl.constexpr = 0.0,
     W_SCALE_UNIFORM: tl.constexpr = False,
+    W_TMA: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     _pdl_enter(PDL)
@@ -188,6 +195,12 @@ def _grouped_gemm_kernel(
     w_base = w_ptr + off_expert * stride_we + rows_g[None, :] * stride_wn
     if FUSE_ACT == 1:
         w_base_u = w_ptr + off_expert * stride_we + rows_u[None, :] * stride_wn
+    if W_TMA:
+        # first weight row of the program's tile in the [E·N_w, K] view (gate rows when fused)
+        n_w = stride_we // stride_wn
+        desc_row = (off_expert * n_w + pid_n.to(tl.int64) * BLOCK_SIZE_N).to(tl.int32)
+        if FUSE_ACT == 1:
+            desc_row_u = desc_row + N
     if QUANT == 1 or QUANT == 2:
         a_scale_rows = a_scale_ptr + (offs_token // top_k) * stride_asm
     if QUANT == 1 or QUANT == 3:
@@ -221,13 +234,20 @@ def _grouped_gemm_kernel(
             a = tl.where(a_mask, tl.load(a_ptrs, mask=a_mask).to(tl.float32), 0.0)
         else:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        wq = _w_tile(w_base, w_scale_ptr, w_zp_ptr, off_expert, rows_g, k_idx, k_mask, group_k, stride_wk,
-                     stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk, QUANT, HAS_ZP, UPCAST)
+        if W_TMA:
+            wq = w_desc.load([desc_row, kb * BLOCK_SIZE_K]).T
+        else:
+            wq = _w_tile(w_base, w_scale_ptr, w_zp_ptr, off_expert, rows_g, k_idx, k_mask, group_k, stride_wk,
+                         stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk, QUANT, HAS_ZP,
+                         UPCAST)
         part = _mma(a, wq, QUANT, INT_DOT, UPCAST, IEEE)
         if FUSE_ACT == 1:
-            wq_u = _w_tile(w_base_u, w_scale_ptr, w_zp_ptr, off_expert, rows_u, k_idx, k_mask, group_k,
-                           stride_wk, stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk,
-                           QUANT, HAS_ZP, UPCAST)
+            if W_TMA:
+                wq_u = w_desc.load([desc_row_u, kb * BLOCK_SIZE_K]).T
+            else:
+                wq_u = _w_tile(w_base_u, w_scale_ptr, w_zp_ptr, off_expert, rows_u, k_idx, k_mask, group_k,
+                               stride_wk, stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk,
+                               QUANT, HAS_ZP, UPCAST)
             part_u = _mma(a, wq_u, QUANT, INT_DOT, UPCAST, IEEE)
         if QUANT == 2:
             kg = (kb * BLOCK_SIZE_K) // group_k

@@ -160,6 +160,17 @@ class TritonBackend(Backend):
         limit = self.fuse_activation_max_tile
         return limit is None or config["BLOCK_SIZE_M"] * config["BLOCK_SIZE_N"] <= limit
 
+    def uses_weight_tma(self, config: dict[str, Any], quant: QuantSpec, activation: MoELayer | None) -> bool:
+        """Whether a GEMM with launch ``config`` reads its weight tiles through tensor descriptors
+        (TMA; the kernel still falls back to pointer loads where the weights do not allow it, see
+        :func:`moe_core.kernels.gemm.weight_descriptor_ok`). Results are bitwise the same either
+        way; only speed differs, so a backend opts in per tile once measured. Never here.
+
+        :param activation: gemm1's layer when its activation is fused (a gated program's tile
+            is then ``BLOCK_SIZE_N / 2`` rows of gate and as many of up), else None.
+        """
+        return False
+
     # -- steps -----------------------------------------------------------------------
     def align(self, topk_ids: torch.Tensor, block_m: int,
               num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,11 +205,12 @@ class TritonBackend(Backend):
              activation: MoELayer | None = None) -> torch.Tensor:
         from moe_core.kernels.gemm import grouped_gemm
 
+        weight_tma = self.uses_weight_tma(config, quant, activation)
         return grouped_gemm(a, w, out, a_scale=a_scale, w_scale=w_scale, w_zp=w_zp, bias=bias,
                             topk_weights=topk_weights, sorted_token_ids=sorted_token_ids,
                             expert_ids=expert_ids, num_tokens_post_padded=num_tokens_post_padded,
                             top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=config,
-                            activation=activation)
+                            activation=activation, weight_tma=weight_tma)
 
     def activation(self, gate_up: torch.Tensor, out: torch.Tensor, layer: MoELayer,
                    topk_ids: torch.Tensor) -> torch.Tensor:

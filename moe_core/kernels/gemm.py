@@ -29,6 +29,28 @@ _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "fl
              if hasattr(torch, n))
 
 
+def weight_descriptor_ok(w: torch.Tensor, mode: int, activation: MoELayer | None, upcast: bool) -> bool:
+    """Whether the kernel can read ``w``'s tiles through a tensor descriptor: plain or w8a8
+    weights (no dequantization in the tile), not the interleaved gated layout (its gate and up
+    rows alternate), ``w`` [E, N, K] contiguous with 16-byte aligned rows, and no interpreter
+    upcast."""
+    if mode not in (0, 1, 2) or upcast:
+        return False
+    if activation is not None and activation.is_gated and activation.gate_up_layout == "interleaved":
+        return False
+    E, N, K = w.shape
+    return (w.stride(2) == 1 and w.stride(1) == K and w.stride(0) == N * K
+            and (K * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0)
+
+
+def _weight_descriptor(w: torch.Tensor, BN: int, BK: int) -> Any:
+    """A host tensor descriptor of ``w`` as [E·N, K] with [BN, BK] boxes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    E, N, K = w.shape
+    return TensorDescriptor(w, [E * N, K], [K, 1], [BN, BK])
+
+
 def quant_mode(quant: QuantSpec) -> int:
     """The kernel's ``QUANT`` constexpr for ``quant`` (see :mod:`moe_core.kernels._gemm`)."""
     if quant.scheme == "none":
@@ -110,7 +132,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                  bias: torch.Tensor | None, topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor,
                  expert_ids: torch.Tensor, num_tokens_post_padded: torch.Tensor, top_k: int,
                  mul_routed_weight: bool, quant: QuantSpec, config: dict[str, Any],
-                 activation: MoELayer | None = None) -> torch.Tensor:
+                 activation: MoELayer | None = None, weight_tma: bool = False) -> torch.Tensor:
     """``out[s] = (a[s // top_k] @ w[e]ᵀ)·scales + bias (· topk_weights[s])`` for every slot
     ``s`` of a block of expert ``e``; rows of ``-1`` blocks are written as zeros. With
     ``activation``, ``out[s] = act(that row)`` (SEMANTICS §4.3, from fp32) instead.
@@ -135,6 +157,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         then ``act`` ([S, N_out/2] gated, [S, N_out] otherwise). A gated program computes
         ``BLOCK_SIZE_N / 2`` act columns from ``BLOCK_SIZE_N`` weight rows, as the config's
         unfused tile did.
+    :param weight_tma: read the weight tiles through a tensor descriptor (TMA) where
+        :func:`weight_descriptor_ok` allows it; ignored elsewhere.
     :returns: ``out``.
     """
     from moe_core.kernels._gemm import _grouped_gemm_kernel
@@ -192,8 +216,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     extra = {key: value for key, value in config.items()
              if key not in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "USE_TMA")}
     dummy = out
+    w_desc = _weight_descriptor(w, BN, BK) if weight_tma and weight_descriptor_ok(w, mode, activation, upcast) else None
     _grouped_gemm_kernel[grid](
-        a, w, out,
+        a, w, w_desc if w_desc is not None else w, out,
         a_s if a_s is not None else dummy, w_scale if w_scale is not None else dummy,
         w_zp if w_zp is not None else dummy, bias if bias is not None else dummy, topk_weights,
         sorted_token_ids, expert_ids, num_tokens_post_padded,
@@ -220,6 +245,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         GROUP_SIZE_M=config.get("GROUP_SIZE_M", 1),
         **_fused_act_args(activation),
         **({"W_SCALE_UNIFORM": True} if w_scale_uniform else {}),
+        **({"W_TMA": True} if w_desc is not None else {}),
         **pdl_args(out),
         **extra,
     )

@@ -1,0 +1,137 @@
+"""Weight tiles through tensor descriptors (TMA) in the grouped GEMM, under the interpreter:
+bitwise the pointer loads (fp16, every fused mode, ragged N and K, ``-1`` blocks), against
+the float64 oracle through a backend that opts in; where the kernel must fall back
+(:func:`weight_descriptor_ok`); and the cuda backend's measured tile rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_core
+from moe_core import ExpertWeights, MoELayer, MoERunner, QuantSpec
+from moe_core.kernels.backend import TritonBackend, interpreting
+from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
+
+pytestmark = pytest.mark.interp
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_only() -> None:
+    if not interpreting():
+        pytest.skip("runs only under the Triton interpreter (the GPU suite runs TMA on sm90)")
+
+
+def _gemm(a, w, ids, k, cfg, *, tma, activation=None, tw=None):
+    from moe_core.align import moe_align_block_size_torch
+    from moe_core.kernels.gemm import grouped_gemm
+
+    sorted_ids, expert_ids, n_post = moe_align_block_size_torch(ids, cfg["BLOCK_SIZE_M"], w.shape[0])
+    cols = w.shape[1] // 2 if activation is not None and activation.is_gated else w.shape[1]
+    out = torch.full((ids.numel(), cols), float("nan"), dtype=a.dtype)
+    tw = torch.ones(ids.shape, dtype=torch.float32) if tw is None else tw
+    return grouped_gemm(a, w, out, a_scale=None, w_scale=None, w_zp=None, bias=None, topk_weights=tw,
+                        sorted_token_ids=sorted_ids, expert_ids=expert_ids, num_tokens_post_padded=n_post,
+                        top_k=k, mul_routed_weight=False, quant=QuantSpec.none(), config=cfg,
+                        activation=activation, weight_tma=tma)
+
+
+# N, K, BLOCK_SIZE_N, BLOCK_SIZE_K: N not a multiple of BN (rows of the next expert feed masked
+# columns; the last expert's run past the end and are zero-filled), K not a multiple of BK
+SHAPES = [(48, 64, 32, 32), (40, 72, 16, 64), (64, 40, 64, 16), (24, 136, 32, 128)]
+
+
+@pytest.mark.parametrize("N,K,bn,bk", SHAPES)
+@pytest.mark.parametrize("fused", [None, "halves", "plain"])
+def test_tma_tiles_are_bitwise_the_pointer_tiles(N, K, bn, bk, fused) -> None:
+    M, E, k = 13, 5, 2
+    g = torch.Generator().manual_seed(N + K)
+    a = (torch.randn(M, K, generator=g) / 4).half()
+    w = (torch.randn(E, N, K, generator=g) / 8).half()
+    ids = torch.randint(0, E, (M, k), generator=g, dtype=torch.int32)
+    ids[3, 1] = -1
+    ids[7, 0] = E - 1                                   # the last expert's rows reach the end of w
+    layer = None
+    if fused is not None:
+        gated = fused == "halves"
+        layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=K, intermediate_size=N // 2 if gated else N,
+                         activation="silu" if gated else "relu2", is_gated=gated)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 2}
+    plain = _gemm(a, w, ids, k, cfg, tma=False, activation=layer)
+    tma = _gemm(a, w, ids, k, cfg, tma=True, activation=layer)
+    assert not torch.isnan(tma).any(), "TMA path left rows unwritten"
+    assert torch.equal(tma, plain)
+    if fused is None:   # the GEMM itself against float64
+        flat = ids.reshape(-1)
+        for s in torch.nonzero(flat >= 0).flatten().tolist():
+            want = a[s // k].double() @ w[int(flat[s])].double().T
+            torch.testing.assert_close(tma[s].double(), want, atol=2e-3, rtol=2e-3)
+        assert torch.equal(tma[flat == -1], torch.zeros_like(tma[flat == -1]))
+
+
+class TmaTriton(TritonBackend):
+    """Every GEMM asks for weight TMA (the interpreter emulates the descriptor loads)."""
+
+    name = "tma-triton"
+    fuse_activation = True
+
+    def uses_weight_tma(self, config, quant, activation) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_forward_with_weight_tma_matches_oracle(dtype, nan_empty) -> None:
+    M, E, k, H, I = 19, 6, 2, 64, 48
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(M, H, generator=g) / 3).to(dtype)
+    w1 = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / 8).to(dtype)
+    tw, ti = moe_core.select_experts(torch.randn(M, E, generator=g), top_k=k)
+    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, routed_scaling_factor=1.5)
+    weights = ExpertWeights(w1, w2)
+    out = MoERunner(layer, backend=TmaTriton()).run(x, weights, tw, ti)
+    ref = oracle_moe(x, w1, w2, tw, ti, routed_scaling_factor=1.5)
+    assert_close_normalized(out, ref, *tolerance_for(dtype), topk_ids=ti)
+    if dtype == torch.float16:       # fp32 dots may round differently on a transposed operand
+        plain = MoERunner(layer, backend=TritonBackend()).run(x, weights, tw, ti)
+        assert torch.equal(out, plain)
+
+
+def test_weight_descriptor_ok_falls_back_where_tma_cannot_read() -> None:
+    from moe_core.kernels.gemm import weight_descriptor_ok
+
+    w = torch.zeros(4, 32, 64, dtype=torch.float16)
+    halves = MoELayer(num_local_experts=4, top_k=1, hidden_size=64, intermediate_size=16)
+    inter = MoELayer(num_local_experts=4, top_k=1, hidden_size=64, intermediate_size=16,
+                     activation="silu", gate_up_layout="interleaved")
+    assert weight_descriptor_ok(w, 0, None, False) and weight_descriptor_ok(w, 0, halves, False)
+    assert weight_descriptor_ok(w, 2, None, False)                       # w8a8: the tile is the operand
+    assert not weight_descriptor_ok(w, 0, inter, False)                  # gate/up rows alternate
+    for mode in (3, 4, 5):                                               # dequantized in the tile
+        assert not weight_descriptor_ok(w, mode, None, False)
+    assert not weight_descriptor_ok(w, 0, None, True)                    # interpreter upcast
+    assert not weight_descriptor_ok(w.transpose(1, 2).contiguous().transpose(1, 2), 0, None, False)
+    assert not weight_descriptor_ok(torch.zeros(4, 32, 36, dtype=torch.float16), 0, None, False)  # 72-byte rows
+    assert not weight_descriptor_ok(torch.zeros(4, 33, 64, dtype=torch.float16)[:, :32], 0, None, False)
+
+
+def test_cuda_weight_tma_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe_core.backends.cuda import CudaBackend
+
+    cuda = CudaBackend()
+    gated = MoELayer(num_local_experts=4, top_k=1, hidden_size=64, intermediate_size=16)
+    none, fp8 = QuantSpec.none(), QuantSpec.fp8_w8a8(torch.ones(1), torch.ones(1))
+
+    def cfg(bm: int, bn: int) -> dict[str, int]:
+        return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": 64}
+
+    assert not cuda.uses_weight_tma(cfg(16, 64), none, None)            # CPU: no TMA
+    monkeypatch.setattr(CudaBackend, "has_tma", lambda self: True)
+    assert cuda.uses_weight_tma(cfg(16, 64), none, None)                 # decode tiles
+    assert not cuda.uses_weight_tma(cfg(32, 128), none, None)
+    assert not cuda.uses_weight_tma(cfg(64, 128), none, None)
+    assert cuda.uses_weight_tma(cfg(128, 128), none, None)               # gemm2: 128 weight rows
+    assert not cuda.uses_weight_tma(cfg(128, 128), none, gated)          # gated gemm1: 64 + 64 rows
+    assert cuda.uses_weight_tma(cfg(128, 256), none, gated)
+    assert not cuda.uses_weight_tma(cfg(128, 256), fp8, None)            # fp8 measured slower
+    assert not TritonBackend().uses_weight_tma(cfg(128, 256), none, None)
