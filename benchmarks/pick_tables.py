@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b,deepseek-v2-lite,gpt-oss-20b")
     p.add_argument("--min-tokens", type=int, default=1, help="compare batch sizes from this")
     p.add_argument("--max-tokens", type=int, default=1024, help="compare batch sizes up to this")
+    p.add_argument("--sizes", default=None, help="compare only these batch sizes (comma list; within the range)")
     p.add_argument("--seeds", type=int, default=2, help="routings per batch size")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timings per routing and table set")
     p.add_argument("--margin", type=float, default=0.02, help="the candidate must be this much faster")
@@ -77,7 +78,11 @@ def main() -> None:
         w1, w2 = random_weights(layer, gen)
         weights = fp8_block_weights(w1, w2) if args.dtype == "fp8" else moe_core.ExpertWeights(w1, w2)
         runner = moe_core.MoERunner(layer, backend="cuda")
-        sizes = sorted(int(m) for m in cand[0] if args.min_tokens <= int(m) <= args.max_tokens and m in shipped[0])
+        only = None if args.sizes is None else {int(m) for m in args.sizes.split(",")}
+        # batch sizes whose pair differs from the shipped one (an unchanged pair times the same kernels twice)
+        sizes = sorted(int(m) for m in cand[0] if args.min_tokens <= int(m) <= args.max_tokens and m in shipped[0]
+                       and (only is None or int(m) in only)
+                       and any(c.get(m) != t.get(m) for c, t in zip(cand, shipped)))
         for M in tqdm(sizes, desc=model, disable=None):
             times: dict[str, list[float]] = {"shipped": [], "candidate": []}
             for _ in range(args.seeds):
