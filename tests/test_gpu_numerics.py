@@ -340,7 +340,8 @@ def test_fused_activation_is_bitwise_the_unfused_path(cfg, activation):
     {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8, "num_stages": 4},
 ], ids=["decode16x64", "prefill128x256"])
 @pytest.mark.parametrize("M,H,I", [(5, 1024, 512), (700, 1000, 328)])
-def test_weight_tma_is_bitwise_the_pointer_loads(cfg, M, H, I):
+@pytest.mark.parametrize("layout", ["halves", "interleaved"])
+def test_weight_tma_is_bitwise_the_pointer_loads(cfg, M, H, I, layout):
     """TMA tiles (ragged N and K included: zero-filled past the end) change no bit; checked
     against the oracle too, so a descriptor reading the wrong rows cannot pass by agreeing."""
     from moe_core.backends.cuda import CudaBackend
@@ -351,7 +352,8 @@ def test_weight_tma_is_bitwise_the_pointer_loads(cfg, M, H, I):
     E, k = 8, 2
     x, w1, w2, tw, ti = _data(M, H, 2 * I, E, k, torch.bfloat16, seed=24)
     ti[M // 2, 0] = -1
-    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I)
+    oai = {"activation": "swiglu_oai", "gemm1_alpha": 1.702, "gemm1_limit": 7.0} if layout == "interleaved" else {}
+    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, gate_up_layout=layout, **oai)
     weights = ExpertWeights(w1, w2)
     pointer = _variant(CudaBackend(), "Pointer", uses_weight_tma=lambda self, c, q, a: False)
     everywhere = _variant(CudaBackend(), "Tma", uses_weight_tma=lambda self, c, q, a: True)
@@ -360,4 +362,5 @@ def test_weight_tma_is_bitwise_the_pointer_loads(cfg, M, H, I):
         tma = MoERunner(layer, backend=everywhere).run(x, weights, tw, ti)
         plain = MoERunner(layer, backend=pointer).run(x, weights, tw, ti)
     assert torch.equal(tma, plain) and torch.equal(ruled, plain)
-    assert_close_normalized(tma, _torch_ref(x, w1, w2, tw, ti), *tolerance_for(torch.bfloat16), topk_ids=ti)
+    ref = _torch_ref(x, w1, w2, tw, ti, layer=layer)
+    assert_close_normalized(tma, ref, *tolerance_for(torch.bfloat16), topk_ids=ti)

@@ -42,7 +42,7 @@ SHAPES = [(48, 64, 32, 32), (40, 72, 16, 64), (64, 40, 64, 16), (24, 136, 32, 12
 
 
 @pytest.mark.parametrize("N,K,bn,bk", SHAPES)
-@pytest.mark.parametrize("fused", [None, "halves", "plain"])
+@pytest.mark.parametrize("fused", [None, "halves", "interleaved", "plain"])
 def test_tma_tiles_are_bitwise_the_pointer_tiles(N, K, bn, bk, fused) -> None:
     M, E, k = 13, 5, 2
     g = torch.Generator().manual_seed(N + K)
@@ -53,9 +53,10 @@ def test_tma_tiles_are_bitwise_the_pointer_tiles(N, K, bn, bk, fused) -> None:
     ids[7, 0] = E - 1                                   # the last expert's rows reach the end of w
     layer = None
     if fused is not None:
-        gated = fused == "halves"
+        gated = fused != "plain"
         layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=K, intermediate_size=N // 2 if gated else N,
-                         activation="silu" if gated else "relu2", is_gated=gated)
+                         activation="silu" if gated else "relu2", is_gated=gated,
+                         gate_up_layout="interleaved" if fused == "interleaved" else "halves")
     cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 2}
     plain = _gemm(a, w, ids, k, cfg, tma=False, activation=layer)
     tma = _gemm(a, w, ids, k, cfg, tma=True, activation=layer)
@@ -80,17 +81,21 @@ class TmaTriton(TritonBackend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_forward_with_weight_tma_matches_oracle(dtype, nan_empty) -> None:
+@pytest.mark.parametrize("layout", ["halves", "interleaved"])
+def test_forward_with_weight_tma_matches_oracle(dtype, layout, nan_empty) -> None:
     M, E, k, H, I = 19, 6, 2, 64, 48
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(M, H, generator=g) / 3).to(dtype)
     w1 = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
     w2 = (torch.randn(E, H, I, generator=g) / 8).to(dtype)
     tw, ti = moe_core.select_experts(torch.randn(M, E, generator=g), top_k=k)
-    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, routed_scaling_factor=1.5)
+    act = {"activation": "swiglu_oai", "gemm1_alpha": 1.702, "gemm1_limit": 7.0} if layout == "interleaved" else {}
+    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, routed_scaling_factor=1.5,
+                     gate_up_layout=layout, **act)
     weights = ExpertWeights(w1, w2)
     out = MoERunner(layer, backend=TmaTriton()).run(x, weights, tw, ti)
-    ref = oracle_moe(x, w1, w2, tw, ti, routed_scaling_factor=1.5)
+    ref = oracle_moe(x, w1, w2, tw, ti, routed_scaling_factor=1.5, activation=layer.activation,
+                     gate_up_layout=layout, alpha=layer.gemm1_alpha, limit=layer.gemm1_limit)
     assert_close_normalized(out, ref, *tolerance_for(dtype), topk_ids=ti)
     if dtype == torch.float16:       # fp32 dots may round differently on a transposed operand
         plain = MoERunner(layer, backend=TritonBackend()).run(x, weights, tw, ti)
@@ -106,7 +111,7 @@ def test_weight_descriptor_ok_falls_back_where_tma_cannot_read() -> None:
                      activation="silu", gate_up_layout="interleaved")
     assert weight_descriptor_ok(w, 0, None, False) and weight_descriptor_ok(w, 0, halves, False)
     assert weight_descriptor_ok(w, 2, None, False)                       # w8a8: the tile is the operand
-    assert not weight_descriptor_ok(w, 0, inter, False)                  # gate/up rows alternate
+    assert weight_descriptor_ok(w, 0, inter, False)                      # two strided views
     for mode in (3, 4, 5):                                               # dequantized in the tile
         assert not weight_descriptor_ok(w, mode, None, False)
     assert not weight_descriptor_ok(w, 0, None, True)                    # interpreter upcast

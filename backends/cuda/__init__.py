@@ -34,8 +34,8 @@ class CudaBackend(TritonBackend):
     def uses_weight_tma(self, config: dict[str, Any], quant: Any, activation: Any) -> bool:
         """Weight tiles through TMA on sm90+ for bf16/fp16 weights at one-block decode tiles
         (``BLOCK_SIZE_M`` 16) and at prefill tiles of at least 128 × 128 weight rows; measured
-        on the H200 (benchmarks/NOTES.md, attempt 21): 2-17% faster there, slower at the
-        32-row and 64-row-box tiles of the tables and for fp8."""
+        on the H200 (benchmarks/NOTES.md, attempts 21 and 23): 2-13% faster there, slower at
+        the 32-row and 64-row-box tiles of the tables and for fp8."""
         if quant.scheme != "none" or not self.has_tma():
             return False
         bm = config["BLOCK_SIZE_M"]

@@ -26,10 +26,13 @@ the activation, as the unfused path stores them, so the output is bitwise the un
 Off (``0``), the kernel is the plain GEMM.
 
 Weight tiles through a tensor descriptor (``W_TMA``, sm90+, plain and w8a8 modes, weights
-contiguous, not the interleaved gated layout): ``w_desc`` views ``w`` as [E·N_w, K] with
-[BLOCK_SIZE_N, BLOCK_SIZE_K] boxes, so each K step is one TMA copy per weight tile (the K tail
-is zero-filled by the copy). Rows past an expert's ``N_w`` belong to the next expert (or are
-zero-filled past the end); they only feed columns the store masks, as the wrapped columns do.
+contiguous): ``w_desc`` views ``w`` as [E·N_w, K] with [BLOCK_SIZE_N, BLOCK_SIZE_K] boxes, so
+each K step is one TMA copy per weight tile (the K tail is zero-filled by the copy); the up rows
+of the halves layout are the same view ``N`` rows on. The interleaved gated layout takes two
+views of [E·N, K] with a row stride of two weight rows: ``w_desc`` from row 0 (gate rows
+``2n``) and ``w_desc_u`` from row 1 (up rows ``2n + 1``). Rows past an expert's end belong to the
+next expert (or are zero-filled past the last); they only feed columns the store masks, as the
+wrapped columns do.
 
 Every offset that scales with tokens, slots, experts or program ids is int64.
 """
@@ -111,7 +114,7 @@ def _block_rescaled(acc, part, a_s, w_s, W_SCALE_UNIFORM: tl.constexpr):
 # would compile each config twice or more as M varies, for no faster code.
 @triton.jit(do_not_specialize=["EM", "num_valid_tokens", "num_experts"])
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, w_desc, out_ptr,
+    a_ptr, w_ptr, w_desc, w_desc_u, out_ptr,
     a_scale_ptr, w_scale_ptr, w_zp_ptr, bias_ptr, topk_weights_ptr,
     sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
     N, K, EM, num_valid_tokens, top_k, weights_k,
@@ -196,11 +199,15 @@ def _grouped_gemm_kernel(
     if FUSE_ACT == 1:
         w_base_u = w_ptr + off_expert * stride_we + rows_u[None, :] * stride_wn
     if W_TMA:
-        # first weight row of the program's tile in the [E·N_w, K] view (gate rows when fused)
-        n_w = stride_we // stride_wn
-        desc_row = (off_expert * n_w + pid_n.to(tl.int64) * BLOCK_SIZE_N).to(tl.int32)
-        if FUSE_ACT == 1:
-            desc_row_u = desc_row + N
+        # first row of the program's tile in the descriptor's view (gate rows when fused)
+        if FUSE_ACT == 1 and INTERLEAVED:
+            desc_row = (off_expert * N + pid_n.to(tl.int64) * BLOCK_SIZE_N).to(tl.int32)
+            desc_row_u = desc_row                  # the same pair index in the up view (w_desc_u)
+        else:
+            n_w = stride_we // stride_wn
+            desc_row = (off_expert * n_w + pid_n.to(tl.int64) * BLOCK_SIZE_N).to(tl.int32)
+            if FUSE_ACT == 1:
+                desc_row_u = desc_row + N          # halves: up rows are N rows on (w_desc_u is w_desc)
     if QUANT == 1 or QUANT == 2:
         a_scale_rows = a_scale_ptr + (offs_token // top_k) * stride_asm
     if QUANT == 1 or QUANT == 3:
@@ -243,7 +250,7 @@ def _grouped_gemm_kernel(
         part = _mma(a, wq, QUANT, INT_DOT, UPCAST, IEEE)
         if FUSE_ACT == 1:
             if W_TMA:
-                wq_u = w_desc.load([desc_row_u, kb * BLOCK_SIZE_K]).T
+                wq_u = w_desc_u.load([desc_row_u, kb * BLOCK_SIZE_K]).T
             else:
                 wq_u = _w_tile(w_base_u, w_scale_ptr, w_zp_ptr, off_expert, rows_u, k_idx, k_mask, group_k,
                                stride_wk, stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk,

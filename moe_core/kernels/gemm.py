@@ -31,24 +31,29 @@ _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "fl
 
 def weight_descriptor_ok(w: torch.Tensor, mode: int, activation: MoELayer | None, upcast: bool) -> bool:
     """Whether the kernel can read ``w``'s tiles through a tensor descriptor: plain or w8a8
-    weights (no dequantization in the tile), not the interleaved gated layout (its gate and up
-    rows alternate), ``w`` [E, N, K] contiguous with 16-byte aligned rows, and no interpreter
-    upcast."""
+    weights (no dequantization in the tile), ``w`` [E, N, K] contiguous with 16-byte aligned rows
+    (so the interleaved layout's up view, one row on, is aligned too), and no interpreter upcast."""
     if mode not in (0, 1, 2) or upcast:
-        return False
-    if activation is not None and activation.is_gated and activation.gate_up_layout == "interleaved":
         return False
     E, N, K = w.shape
     return (w.stride(2) == 1 and w.stride(1) == K and w.stride(0) == N * K
             and (K * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0)
 
 
-def _weight_descriptor(w: torch.Tensor, BN: int, BK: int) -> Any:
-    """A host tensor descriptor of ``w`` as [E·N, K] with [BN, BK] boxes."""
+def _weight_descriptors(w: torch.Tensor, BN: int, BK: int, activation: MoELayer | None) -> tuple[Any, Any]:
+    """Host tensor descriptors (gate or only rows, up rows) of ``w`` with [BN, BK] boxes: [E·N, K]
+    twice, or for the interleaved gated layout the even rows and the odd rows, each [E·N/2, K]
+    with a row stride of 2·K (the odd view starts one row, K elements, on)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     E, N, K = w.shape
-    return TensorDescriptor(w, [E * N, K], [K, 1], [BN, BK])
+    if activation is not None and activation.is_gated and activation.gate_up_layout == "interleaved":
+        flat = w.reshape(-1)
+        pairs = E * N // 2
+        return (TensorDescriptor(flat, [pairs, K], [2 * K, 1], [BN, BK]),
+                TensorDescriptor(flat[K:], [pairs, K], [2 * K, 1], [BN, BK]))
+    desc = TensorDescriptor(w, [E * N, K], [K, 1], [BN, BK])
+    return desc, desc
 
 
 def quant_mode(quant: QuantSpec) -> int:
@@ -216,9 +221,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     extra = {key: value for key, value in config.items()
              if key not in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "USE_TMA")}
     dummy = out
-    w_desc = _weight_descriptor(w, BN, BK) if weight_tma and weight_descriptor_ok(w, mode, activation, upcast) else None
+    w_desc = w_desc_u = None
+    if weight_tma and weight_descriptor_ok(w, mode, activation, upcast):
+        w_desc, w_desc_u = _weight_descriptors(w, BN, BK, activation)
     _grouped_gemm_kernel[grid](
-        a, w, w_desc if w_desc is not None else w, out,
+        a, w, w_desc if w_desc is not None else w, w_desc_u if w_desc_u is not None else w, out,
         a_s if a_s is not None else dummy, w_scale if w_scale is not None else dummy,
         w_zp if w_zp is not None else dummy, bias if bias is not None else dummy, topk_weights,
         sorted_token_ids, expert_ids, num_tokens_post_padded,
