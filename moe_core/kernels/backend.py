@@ -55,6 +55,11 @@ def _device_properties(index: int) -> dict[str, Any]:
     return dict(driver.active.utils.get_device_properties(index))
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+
+
 class TritonBackend(Backend):
     """Every step of the forward pass through the shared Triton kernels.
 
@@ -94,7 +99,7 @@ class TritonBackend(Backend):
         """Compute capability of the current device, None under the interpreter."""
         if not self._on_gpu():
             return None
-        return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
+        return _capability(torch.cuda.current_device())     # asked per GEMM (uses_weight_tma)
 
     def supports_fp8(self) -> tuple[bool, str]:
         """Whether fp8 w8a8 runs here, and why not."""
