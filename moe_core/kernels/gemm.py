@@ -18,7 +18,7 @@ from moe_core.kernels._launch import cdiv, pdl_args
 if TYPE_CHECKING:
     from moe_core.spec import MoELayer, QuantSpec
 
-__all__ = ["grouped_gemm", "quant_mode", "LAUNCH_KEYS"]
+__all__ = ["grouped_gemm", "quant_mode", "weight_descriptor_ok", "LAUNCH_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "fl
              if hasattr(torch, n))
 
 
-def weight_descriptor_ok(w: torch.Tensor, mode: int, activation: MoELayer | None, upcast: bool) -> bool:
+def weight_descriptor_ok(w: torch.Tensor, mode: int, upcast: bool) -> bool:
     """Whether the kernel can read ``w``'s tiles through a tensor descriptor: plain or w8a8
     weights (no dequantization in the tile), ``w`` [E, N, K] contiguous with 16-byte aligned rows
     (so the interleaved layout's up view, one row on, is aligned too), and no interpreter upcast."""
@@ -222,7 +222,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
              if key not in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "USE_TMA")}
     dummy = out
     w_desc = w_desc_u = None
-    if weight_tma and weight_descriptor_ok(w, mode, activation, upcast):
+    if weight_tma and weight_descriptor_ok(w, mode, upcast):
         w_desc, w_desc_u = _weight_descriptors(w, BN, BK, activation)
     _grouped_gemm_kernel[grid](
         a, w, w_desc if w_desc is not None else w, w_desc_u if w_desc_u is not None else w, out,
