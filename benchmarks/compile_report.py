@@ -118,6 +118,7 @@ def record_forward(model: str, M: int, dtype: torch.dtype, config: dict | None, 
 
         fuse_activation = fuse
         fuse_activation_max_tile = None      # --fuse: every tile, to read the fused kernel's cost
+
         def uses_weight_tma(self, config: Any, quant: Any, activation: Any) -> bool:
             return tma      # --tma: weight tiles through TMA at every tile
 

@@ -36,11 +36,12 @@ class CudaBackend(TritonBackend):
         (``BLOCK_SIZE_M`` 16) and at prefill tiles of at least 128 × 128 weight rows; measured
         on the H200 (benchmarks/NOTES.md, attempts 21 and 23): 2-13% faster there, slower at
         the 32-row and 64-row-box tiles of the tables and for fp8."""
+        from moe_core.kernels.gemm import weight_box_rows
+
         if quant.scheme != "none":
             return False
         bm = config["BLOCK_SIZE_M"]
-        rows = config["BLOCK_SIZE_N"] // (2 if activation is not None and activation.is_gated else 1)
-        return (bm == 16 or (bm >= 128 and rows >= 128)) and self.has_tma()
+        return (bm == 16 or (bm >= 128 and weight_box_rows(config, activation) >= 128)) and self.has_tma()
 
     def is_available(self) -> tuple[bool, str]:
         if getattr(torch.version, "hip", None):

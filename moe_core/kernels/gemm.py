@@ -18,7 +18,7 @@ from moe_core.kernels._launch import cdiv, pdl_args
 if TYPE_CHECKING:
     from moe_core.spec import MoELayer, QuantSpec
 
-__all__ = ["grouped_gemm", "quant_mode", "weight_descriptor_ok", "LAUNCH_KEYS"]
+__all__ = ["grouped_gemm", "quant_mode", "weight_box_rows", "weight_descriptor_ok", "LAUNCH_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,14 @@ LAUNCH_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2")
              if hasattr(torch, n))
+
+
+def weight_box_rows(config: dict[str, Any], activation: MoELayer | None) -> int:
+    """Weight rows one program reads per K step and operand: ``BLOCK_SIZE_N``, or half of it
+    (at least 16) when a gated activation is fused, as the program then reads that many gate
+    rows and as many up rows for its ``act`` columns."""
+    BN = config["BLOCK_SIZE_N"]
+    return max(16, BN // 2) if activation is not None and activation.is_gated else BN
 
 
 def weight_descriptor_ok(w: torch.Tensor, mode: int, upcast: bool) -> bool:
@@ -177,9 +185,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     EM = sorted_token_ids.shape[0]
     if S == 0 or EM == 0 or N == 0:
         return out
-    BM, BN, BK = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
-    if gated:
-        BN = max(16, BN // 2)
+    BM, BK = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_K"]
+    BN = weight_box_rows(config, activation)
     group_n = group_k = 0
     w_scale_uniform = False
     if mode == 2:
