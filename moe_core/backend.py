@@ -67,7 +67,9 @@ class Backend:
     priority: ClassVar[int] = 0
     #: the plugin API version this backend was written for
     api_version: ClassVar[int] = PLUGIN_API_VERSION
-    #: launch keys this backend's GEMM takes; other config keys are dropped with a warning
+    #: launch keys this backend's GEMM takes; other config keys are dropped with a warning.
+    #: Taking ``USE_TMA`` means :meth:`gemm` implements sorted mode (``sorted_out`` /
+    #: ``sorted_in``, SEMANTICS §3 step 10), which a ``_down`` entry with ``USE_TMA`` selects
     config_keys: ClassVar[frozenset[str]] = BASE_CONFIG_KEYS
     #: fp8 dtype used for fp8 w8a8 activations (``float8_e4m3fnuz`` on gfx942)
     fp8_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn

@@ -151,7 +151,9 @@ class MoERunner:
             lines.append("configs: resolved at the first run")
         else:
             lines.append("activation: " + ("fused into gemm1's epilogue" if plan.fused_activation else
-                                           "its own step (gemm1 writes gate_up)"))
+                                           "its own step (gemm1 writes gate_up)")
+                         + ("; sorted mode (act by position in sorted_token_ids, gemm2 reads it through TMA)"
+                            if plan.sorted_intermediate else ""))
             from moe_core.config import format_why
 
             lines.extend(format_why(plan.why))

@@ -58,8 +58,12 @@ def prepare(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
         act_dtype=x.dtype, quant=weights.quant, has_hooks=hooks.any)
     validate.check_resolved_configs(resolved.config, resolved.down_config)
     fused = hooks.after_gate_up is None and backend.fuses_activation(layer, weights.quant, resolved.config)
+    # the resolver keeps USE_TMA only without hooks (R3) and where the backend has TMA; the
+    # unfused activation kernel indexes rows by slot, so sorted mode needs the fused gemm1
+    sorted_mode = fused and bool(resolved.down_config.get("USE_TMA", False))
     return Plan(backend=backend, layer=layer, quant=weights.quant, config=resolved.config,
-                down_config=resolved.down_config, hooks=hooks, why=resolved.why, fused_activation=fused)
+                down_config=resolved.down_config, hooks=hooks, why=resolved.why, fused_activation=fused,
+                sorted_intermediate=sorted_mode)
 
 
 class _step:
@@ -114,7 +118,8 @@ def _gemm(plan: Plan, which: int, a: torch.Tensor, w: torch.Tensor, out: torch.T
           aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor], top_k: int, mul_routed_weight: bool,
           config: Mapping[str, Any], activation: MoELayer | None = None) -> torch.Tensor:
     """Steps 4 / 7: gemm ``which`` (1 or 2) into ``out``; w8a8 quantizes ``a`` first, into a separate buffer.
-    ``activation``: the layer, when gemm1 applies its activation (``out`` is ``act``)."""
+    ``activation``: the layer, when gemm1 applies its activation (``out`` is ``act``). In sorted
+    mode gemm1 stores and gemm2 reads ``act`` by position in ``sorted_token_ids``."""
     quant = plan.quant
     a_scale = None
     if quant.is_w8a8:
@@ -126,7 +131,9 @@ def _gemm(plan: Plan, which: int, a: torch.Tensor, w: torch.Tensor, out: torch.T
                           w_zp=getattr(quant, f"w{which}_zp"), bias=bias, topk_weights=topk_weights,
                           sorted_token_ids=sorted_ids, expert_ids=expert_ids, num_tokens_post_padded=n_post,
                           top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=dict(config),
-                          **({} if activation is None else {"activation": activation}))
+                          **({} if activation is None else {"activation": activation}),
+                          **({} if not plan.sorted_intermediate else
+                             {"sorted_out": True} if which == 1 else {"sorted_in": True}))
     return out
 
 
@@ -155,7 +162,8 @@ def run(plan: Plan, x: torch.Tensor, weights: ExpertWeights, topk_weights: torch
     with _step(plan, "align"):
         aligned = backend.align(ids, plan.block_m, E)
 
-    act = torch.empty((S, N // 2 if layer.is_gated else N), dtype=x.dtype, device=x.device)
+    act_rows = aligned[0].shape[0] if plan.sorted_intermediate else S
+    act = torch.empty((act_rows, N // 2 if layer.is_gated else N), dtype=x.dtype, device=x.device)
     if plan.fused_activation:      # steps 4-6 in one kernel: no hook needs gate_up
         _gemm(plan, 1, x, w1, act, bias=weights.b1, topk_weights=topk_weights, aligned=aligned, top_k=k,
               mul_routed_weight=layer.apply_router_weight_on_input, config=plan.config,

@@ -402,6 +402,9 @@ class Plan:
     why: Mapping[str, Any] = attrs.field(factory=dict, converter=lambda d: types.MappingProxyType(dict(d)))
     #: gemm1 writes ``act`` directly (the backend fuses the activation; no after_gate_up hook)
     fused_activation: bool = False
+    #: sorted mode (SEMANTICS §3 step 10): the fused gemm1 stores ``act`` by position in
+    #: ``sorted_token_ids`` and gemm2 reads it so (``USE_TMA`` kept in ``down_config``)
+    sorted_intermediate: bool = False
 
     @property
     def block_m(self) -> int:

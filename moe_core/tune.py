@@ -400,11 +400,29 @@ class _Bench:
                     num_tokens_post_padded=n_post, top_k=self.top_k, mul_routed_weight=self.mul,
                     quant=self.quant)
 
+    def _sorted_input(self, sorted_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """gemm2's input (and block/token scale) in sorted mode: row ``p`` is slot
+        ``sorted_ids[p]``, padding rows zero, as the sorted-mode gemm1 would have stored them."""
+        rows = sorted_ids.long().clamp(max=self.a.shape[0] - 1)
+        valid = (sorted_ids < self.a.shape[0]).unsqueeze(1)
+
+        def gather(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or t.dim() != 2 or t.shape[0] != self.a.shape[0]:
+                return t                       # per-tensor scale: no rows
+            raw = t.view(torch.uint8) if t.element_size() == 1 else t     # fp8 has no where()
+            return torch.where(valid, raw[rows], torch.zeros((), dtype=raw.dtype, device=t.device)).view(t.dtype)
+
+        return gather(self.a), gather(self.a_scale)
+
     def launcher(self, config: dict[str, Any], *, gemm_only: bool = False) -> Callable[[], Any]:
         """One call of the tuned step(s) with ``config``: gemm2, or gemm1 with its activation
         (``gemm_only``: without an unfused activation step, for the precompile)."""
         kwargs = self._common(config["BLOCK_SIZE_M"])
         backend, a, w, out, layer = self.backend, self.a, self.w, self.out, self.layer
+        if layer is None and config.get("USE_TMA"):
+            # sorted mode: gemm2 reads the input row of each position of sorted_token_ids
+            a, kwargs["a_scale"] = self._sorted_input(kwargs["sorted_token_ids"])
+            return lambda: backend.gemm(a, w, out, config=config, sorted_in=True, **kwargs)
         if layer is None:
             return lambda: backend.gemm(a, w, out, config=config, **kwargs)
         if backend.fuses_activation(layer, self.quant, config):
@@ -586,15 +604,9 @@ def tune(backend: Backend, spec: TuneSpec, *, out_dir: str | Path,
 
 
 def _gemm_reads_tma(backend: Backend) -> bool:
-    """Whether ``USE_TMA`` changes the backend's GEMM launch: the shared Triton kernel takes no
-    tensor descriptors yet (``LAUNCH_KEYS``), so TMA variants would time the same kernel twice."""
-    from moe_core.kernels.backend import TritonBackend
-
-    if not isinstance(backend, TritonBackend):
-        return True
-    from moe_core.kernels.gemm import LAUNCH_KEYS
-
-    return "USE_TMA" in LAUNCH_KEYS
+    """Whether ``USE_TMA`` changes the backend's GEMM launch: a backend that takes the key
+    implements sorted mode (gemm2 reading its input by position, through TMA)."""
+    return "USE_TMA" in backend.config_keys
 
 
 def _default_config(backend: Backend, spec: TuneSpec, gemm: str, M: int, block_m: int | None) -> dict[str, Any]:

@@ -335,6 +335,17 @@ def test_fused_activation_is_bitwise_the_unfused_path(cfg, activation):
 
 
 # -- weight tiles through TMA (cuda on sm90+, per its tile rule) ---------------------------------
+def _gated_case(M: int, H: int, I: int, layout: str, *, seed: int):
+    """bf16 inputs of a gated layer with 8 experts, top-2, one filtered slot; ``interleaved`` is
+    gpt-oss's clamped swiglu. Returns x, w1, w2, topk_weights, topk_ids, layer."""
+    E, k = 8, 2
+    x, w1, w2, tw, ti = _data(M, H, 2 * I, E, k, torch.bfloat16, seed=seed)
+    ti[M // 2, 0] = -1
+    oai = {"activation": "swiglu_oai", "gemm1_alpha": 1.702, "gemm1_limit": 7.0} if layout == "interleaved" else {}
+    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, gate_up_layout=layout, **oai)
+    return x, w1, w2, tw, ti, layer
+
+
 @pytest.mark.parametrize("cfg", [
     {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3},
     {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8, "num_stages": 4},
@@ -349,11 +360,7 @@ def test_weight_tma_is_bitwise_the_pointer_loads(cfg, M, H, I, layout):
 
     if not CudaBackend().has_tma():
         pytest.skip("tensor descriptors need sm90+")
-    E, k = 8, 2
-    x, w1, w2, tw, ti = _data(M, H, 2 * I, E, k, torch.bfloat16, seed=24)
-    ti[M // 2, 0] = -1
-    oai = {"activation": "swiglu_oai", "gemm1_alpha": 1.702, "gemm1_limit": 7.0} if layout == "interleaved" else {}
-    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, gate_up_layout=layout, **oai)
+    x, w1, w2, tw, ti, layer = _gated_case(M, H, I, layout, seed=24)
     weights = ExpertWeights(w1, w2)
     pointer = _variant(CudaBackend(), "Pointer", uses_weight_tma=lambda self, c, q, a: False)
     everywhere = _variant(CudaBackend(), "Tma", uses_weight_tma=lambda self, c, q, a: True)
@@ -364,3 +371,34 @@ def test_weight_tma_is_bitwise_the_pointer_loads(cfg, M, H, I, layout):
     assert torch.equal(tma, plain) and torch.equal(ruled, plain)
     ref = _torch_ref(x, w1, w2, tw, ti, layer=layer)
     assert_close_normalized(tma, ref, *tolerance_for(torch.bfloat16), topk_ids=ti)
+
+
+# -- sorted mode: USE_TMA in the down config (gemm2 reads act by position through TMA) -----------
+@pytest.mark.parametrize("cfg", [
+    {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 16, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 8, "num_stages": 3},
+], ids=["64x128", "128x256"])
+@pytest.mark.parametrize("M,H,I", [(7, 1024, 512), (900, 1024, 384)])
+@pytest.mark.parametrize("layout", ["halves", "interleaved"])
+@pytest.mark.parametrize("scheme", ["bf16", "fp8_block"])
+def test_sorted_mode_is_bitwise_the_slot_major_path(cfg, M, H, I, layout, scheme):
+    """USE_TMA changes no bit (bf16 and fp8 block), and the forward still meets the oracle."""
+    from moe_core.backends.cuda import CudaBackend
+    from moe_core.bench import fp8_block_weights
+
+    cuda = CudaBackend()
+    if not cuda.has_tma():
+        pytest.skip("tensor descriptors need sm90+")
+    x, w1, w2, tw, ti, layer = _gated_case(M, H, I, layout, seed=27)
+    weights = ExpertWeights(w1, w2) if scheme == "bf16" else fp8_block_weights(w1, w2)
+    runner = MoERunner(layer, backend=cuda)
+    with moe_core.override_config({**cfg, "USE_TMA": True}):
+        out = runner.run(x, weights, tw, ti)
+        assert runner._last_plan.sorted_intermediate
+    with moe_core.override_config(cfg):
+        plain = MoERunner(layer, backend=CudaBackend()).run(x, weights, tw, ti)
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+    assert torch.equal(out, plain)
+    if scheme == "bf16":
+        ref = _torch_ref(x, w1, w2, tw, ti, layer=layer)
+        assert_close_normalized(out, ref, *tolerance_for(torch.bfloat16), topk_ids=ti)

@@ -376,7 +376,7 @@ def test_triton_backend_facts():
     assert b.name == "cuda" and b.priority == 100
     assert b.device().type == "cpu" and b.device_name() == "cpu"
     assert not b.has_tma()
-    assert b.config_keys == moe_core.backend.BASE_CONFIG_KEYS
+    assert b.config_keys == moe_core.backend.BASE_CONFIG_KEYS | {"USE_TMA"}     # sorted mode
     layer = MoELayer(num_local_experts=2, top_k=1, hidden_size=32, intermediate_size=16)
     ok, reason = b.supports(layer, QuantSpec.fp8_w8a8(torch.ones(2), torch.ones(2), block_shape=(128, 8)))
     assert not ok and "bk" in reason

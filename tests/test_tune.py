@@ -59,6 +59,12 @@ class FakeBackend(TorchBackend):
         self.last = dict(config)
         if self.broken(config):
             raise OutOfResources(300000, 232448, "shared memory")
+        if kw.pop("sorted_in", False):      # sorted mode (USE_TMA): row p of a is position p's slot
+            ids = kw["sorted_token_ids"].long()
+            valid = ids < out.shape[0]
+            a_slot = a.new_zeros((out.shape[0], a.shape[1]))
+            a_slot[ids[valid]] = a[: ids.shape[0]][valid]
+            a = a_slot
         super().gemm(a, w, out, config=config, **kw)
         if self.wrong(config):
             out[0] += 1.0                                   # one tile silently wrong

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moe_core
 from moe_core import ExpertWeights, MoELayer, MoERunner, QuantSpec
 from moe_core.kernels.backend import TritonBackend, interpreting
-from moe_core.testing import assert_close_normalized, oracle_moe, tolerance_for
+from moe_core.testing import assert_close_normalized, tolerance_for
+from tests.forward_cases import epilogue_layer, gated_case
 
 pytestmark = pytest.mark.interp
 
@@ -51,12 +51,7 @@ def test_tma_tiles_are_bitwise_the_pointer_tiles(N, K, bn, bk, fused) -> None:
     ids = torch.randint(0, E, (M, k), generator=g, dtype=torch.int32)
     ids[3, 1] = -1
     ids[7, 0] = E - 1                                   # the last expert's rows reach the end of w
-    layer = None
-    if fused is not None:
-        gated = fused != "plain"
-        layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=K, intermediate_size=N // 2 if gated else N,
-                         activation="silu" if gated else "relu2", is_gated=gated,
-                         gate_up_layout="interleaved" if fused == "interleaved" else "halves")
+    layer = epilogue_layer(fused, E, k, N, K)
     cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 2}
     plain = _gemm(a, w, ids, k, cfg, tma=False, activation=layer)
     tma = _gemm(a, w, ids, k, cfg, tma=True, activation=layer)
@@ -83,22 +78,12 @@ class TmaTriton(TritonBackend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("layout", ["halves", "interleaved"])
 def test_forward_with_weight_tma_matches_oracle(dtype, layout, nan_empty) -> None:
-    M, E, k, H, I = 19, 6, 2, 64, 48
-    g = torch.Generator().manual_seed(5)
-    x = (torch.randn(M, H, generator=g) / 3).to(dtype)
-    w1 = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=g) / 8).to(dtype)
-    tw, ti = moe_core.select_experts(torch.randn(M, E, generator=g), top_k=k)
-    act = {"activation": "swiglu_oai", "gemm1_alpha": 1.702, "gemm1_limit": 7.0} if layout == "interleaved" else {}
-    layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, routed_scaling_factor=1.5,
-                     gate_up_layout=layout, **act)
-    weights = ExpertWeights(w1, w2)
-    out = MoERunner(layer, backend=TmaTriton()).run(x, weights, tw, ti)
-    ref = oracle_moe(x, w1, w2, tw, ti, routed_scaling_factor=1.5, activation=layer.activation,
-                     gate_up_layout=layout, alpha=layer.gemm1_alpha, limit=layer.gemm1_limit)
-    assert_close_normalized(out, ref, *tolerance_for(dtype), topk_ids=ti)
+    case = gated_case(5, dtype, layout)
+    weights = ExpertWeights(case.w1, case.w2)
+    out = MoERunner(case.layer, backend=TmaTriton()).run(case.x, weights, case.topk_weights, case.topk_ids)
+    assert_close_normalized(out, case.oracle(), *tolerance_for(dtype), topk_ids=case.topk_ids)
     if dtype == torch.float16:       # fp32 dots may round differently on a transposed operand
-        plain = MoERunner(layer, backend=TritonBackend()).run(x, weights, tw, ti)
+        plain = MoERunner(case.layer, backend=TritonBackend()).run(case.x, weights, case.topk_weights, case.topk_ids)
         assert torch.equal(out, plain)
 
 

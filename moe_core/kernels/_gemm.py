@@ -34,6 +34,13 @@ views of [E·N, K] with a row stride of two weight rows: ``w_desc`` from row 0 (
 next expert (or are zero-filled past the last); they only feed columns the store masks, as the
 wrapped columns do.
 
+Sorted mode (SEMANTICS §3 step 10, ``USE_TMA`` of a ``_down`` table): gemm1 with ``SORTED_OUT``
+stores row ``p`` (the position in ``sorted_token_ids``) instead of the slot, every row of a block
+(padding rows hold the epilogue of a zero row), so ``out`` is [len(sorted_token_ids), N]; gemm2
+with ``SORTED_IN`` reads that buffer's row ``p`` for position ``p`` (and its activation scale row
+``p``), through ``a_desc`` ([P, K] with [BLOCK_SIZE_M, BLOCK_SIZE_K] boxes, one TMA copy per K step)
+when ``A_TMA``. A padding row only feeds its own output row, which the store masks.
+
 Every offset that scales with tokens, slots, experts or program ids is int64.
 """
 
@@ -114,7 +121,7 @@ def _block_rescaled(acc, part, a_s, w_s, W_SCALE_UNIFORM: tl.constexpr):
 # would compile each config twice or more as M varies, for no faster code.
 @triton.jit(do_not_specialize=["EM", "num_valid_tokens", "num_experts"])
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, w_desc, w_desc_u, out_ptr,
+    a_ptr, a_desc, w_ptr, w_desc, w_desc_u, out_ptr,
     a_scale_ptr, w_scale_ptr, w_zp_ptr, bias_ptr, topk_weights_ptr,
     sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
     N, K, EM, num_valid_tokens, top_k, weights_k,
@@ -146,6 +153,9 @@ def _grouped_gemm_kernel(
     LIMIT: tl.constexpr = 0.0,
     W_SCALE_UNIFORM: tl.constexpr = False,
     W_TMA: tl.constexpr = False,
+    SORTED_OUT: tl.constexpr = False,
+    SORTED_IN: tl.constexpr = False,
+    A_TMA: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     _pdl_enter(PDL)
@@ -171,8 +181,12 @@ def _grouped_gemm_kernel(
                          other=num_valid_tokens).to(tl.int64)
     token_mask = (offs_token >= 0) & (offs_token < num_valid_tokens)
     offs_cn = pid_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
-    out_ptrs = out_ptr + offs_token[:, None] * stride_om + offs_cn[None, :] * stride_on
-    out_mask = token_mask[:, None] & (offs_cn[None, :] < N)
+    if SORTED_OUT:      # 10. sorted mode: row = position, every row of the block
+        out_ptrs = out_ptr + offs_tid[:, None] * stride_om + offs_cn[None, :] * stride_on
+        out_mask = (offs_tid[:, None] < EM) & (offs_cn[None, :] < N)
+    else:
+        out_ptrs = out_ptr + offs_token[:, None] * stride_om + offs_cn[None, :] * stride_on
+        out_mask = token_mask[:, None] & (offs_cn[None, :] < N)
 
     # 2. expert -1 (filtered slots) or outside [0, E) (the one-token layout passes the routed ids
     #    unchecked): zero rows, never touch w[-1] or w[E]
@@ -194,7 +208,9 @@ def _grouped_gemm_kernel(
     else:
         rows_g = offs_bn
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    a_rows = a_ptr + (offs_token // top_k) * stride_am
+    # 4. A row of each slot: its token, or in sorted mode its position
+    a_row = offs_tid if SORTED_IN else offs_token // top_k
+    a_rows = a_ptr + a_row * stride_am
     w_base = w_ptr + off_expert * stride_we + rows_g[None, :] * stride_wn
     if FUSE_ACT == 1:
         w_base_u = w_ptr + off_expert * stride_we + rows_u[None, :] * stride_wn
@@ -209,7 +225,7 @@ def _grouped_gemm_kernel(
             if FUSE_ACT == 1:
                 desc_row_u = desc_row + N          # halves: up rows are N rows on (w_desc_u is w_desc)
     if QUANT == 1 or QUANT == 2:
-        a_scale_rows = a_scale_ptr + (offs_token // top_k) * stride_asm
+        a_scale_rows = a_scale_ptr + a_row * stride_asm
     if QUANT == 1 or QUANT == 3:
         w_scale_cols = w_scale_ptr + off_expert * stride_wse + rows_g * stride_wsn
         if FUSE_ACT == 1:
@@ -236,7 +252,9 @@ def _grouped_gemm_kernel(
         k_mask = k_idx < K
         a_mask = token_mask[:, None] & k_mask[None, :]
         a_ptrs = a_rows[:, None] + k_idx[None, :] * stride_ak
-        if UPCAST:
+        if A_TMA:
+            a = a_desc.load([(pid_m * BLOCK_SIZE_M).to(tl.int32), kb * BLOCK_SIZE_K])
+        elif UPCAST:
             # interpreter: no bf16/fp8 arithmetic on CPU, so cast every load to fp32 first
             a = tl.where(a_mask, tl.load(a_ptrs, mask=a_mask).to(tl.float32), 0.0)
         else:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from moe_core.backend import Backend
+from moe_core.backend import BASE_CONFIG_KEYS, Backend
 
 if TYPE_CHECKING:
     from moe_core.spec import MoELayer, QuantSpec
@@ -70,6 +70,8 @@ class TritonBackend(Backend):
     name = "triton"
     platform = "triton"
     priority = 0
+    #: ``USE_TMA`` (a ``_down`` entry): sorted mode, gemm2 reading ``act`` through TMA
+    config_keys = BASE_CONFIG_KEYS | {"USE_TMA"}
     #: minimum (major, minor) compute capability for fp8 w8a8 on this platform; None: no fp8
     fp8_min_capability: tuple[int, int] | None = (8, 9)
     #: gemm1 applies the activation in its epilogue when no hook needs ``gate_up``. Off here;
@@ -207,15 +209,21 @@ class TritonBackend(Backend):
              bias: torch.Tensor | None, topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor,
              expert_ids: torch.Tensor, num_tokens_post_padded: torch.Tensor, top_k: int,
              mul_routed_weight: bool, quant: QuantSpec, config: dict[str, Any],
-             activation: MoELayer | None = None) -> torch.Tensor:
+             activation: MoELayer | None = None, sorted_out: bool = False,
+             sorted_in: bool = False) -> torch.Tensor:
+        """The shared grouped GEMM; ``sorted_out`` / ``sorted_in`` are sorted mode's gemm1 and
+        gemm2 (:func:`moe_core.kernels.gemm.grouped_gemm`), gemm2 reading ``a`` through TMA when
+        ``config`` has ``USE_TMA``."""
         from moe_core.kernels.gemm import grouped_gemm
 
         weight_tma = self.uses_weight_tma(config, quant, activation)
+        a_tma = sorted_in and bool(config.get("USE_TMA")) and self.has_tma()
         return grouped_gemm(a, w, out, a_scale=a_scale, w_scale=w_scale, w_zp=w_zp, bias=bias,
                             topk_weights=topk_weights, sorted_token_ids=sorted_token_ids,
                             expert_ids=expert_ids, num_tokens_post_padded=num_tokens_post_padded,
                             top_k=top_k, mul_routed_weight=mul_routed_weight, quant=quant, config=config,
-                            activation=activation, weight_tma=weight_tma)
+                            activation=activation, weight_tma=weight_tma, sorted_out=sorted_out,
+                            sorted_in=sorted_in, a_tma=a_tma)
 
     def activation(self, gate_up: torch.Tensor, out: torch.Tensor, layer: MoELayer,
                    topk_ids: torch.Tensor) -> torch.Tensor:

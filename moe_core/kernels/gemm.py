@@ -18,7 +18,8 @@ from moe_core.kernels._launch import cdiv, pdl_args
 if TYPE_CHECKING:
     from moe_core.spec import MoELayer, QuantSpec
 
-__all__ = ["grouped_gemm", "quant_mode", "weight_box_rows", "weight_descriptor_ok", "LAUNCH_KEYS"]
+__all__ = ["grouped_gemm", "quant_mode", "weight_box_rows", "weight_descriptor_ok", "activation_descriptor_ok",
+           "LAUNCH_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,15 @@ def weight_descriptor_ok(w: torch.Tensor, mode: int, upcast: bool) -> bool:
     E, N, K = w.shape
     return (w.stride(2) == 1 and w.stride(1) == K and w.stride(0) == N * K
             and (K * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0)
+
+
+def activation_descriptor_ok(a: torch.Tensor, mode: int, upcast: bool) -> bool:
+    """Whether gemm2 can read its sorted-mode input ``a`` [P, K] through a tensor descriptor:
+    plain or w8a8 input, rows contiguous and 16-byte aligned, no interpreter upcast."""
+    if mode not in (0, 1, 2) or upcast:
+        return False
+    return (a.stride(1) == 1 and (a.stride(0) * a.element_size()) % 16 == 0
+            and a.data_ptr() % 16 == 0)
 
 
 def _weight_descriptors(w: torch.Tensor, BN: int, BK: int, activation: MoELayer | None) -> tuple[Any, Any]:
@@ -145,7 +155,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                  bias: torch.Tensor | None, topk_weights: torch.Tensor, sorted_token_ids: torch.Tensor,
                  expert_ids: torch.Tensor, num_tokens_post_padded: torch.Tensor, top_k: int,
                  mul_routed_weight: bool, quant: QuantSpec, config: dict[str, Any],
-                 activation: MoELayer | None = None, weight_tma: bool = False) -> torch.Tensor:
+                 activation: MoELayer | None = None, weight_tma: bool = False,
+                 sorted_out: bool = False, sorted_in: bool = False, a_tma: bool = False) -> torch.Tensor:
     """``out[s] = (a[s // top_k] @ w[e]ᵀ)·scales + bias (· topk_weights[s])`` for every slot
     ``s`` of a block of expert ``e``; rows of ``-1`` blocks are written as zeros. With
     ``activation``, ``out[s] = act(that row)`` (SEMANTICS §4.3, from fp32) instead.
@@ -172,6 +183,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         unfused tile did.
     :param weight_tma: read the weight tiles through a tensor descriptor (TMA) where
         :func:`weight_descriptor_ok` allows it; ignored elsewhere.
+    :param sorted_out: sorted mode, gemm1: ``out`` is [P, N_out] (P = len(sorted_token_ids)) and
+        row ``p`` holds position ``p`` of ``sorted_token_ids``, padding rows included.
+    :param sorted_in: sorted mode, gemm2: ``a`` is such a [P, K] buffer (and ``a_scale`` [P, ·]).
+    :param a_tma: with ``sorted_in``, read ``a``'s tiles through a tensor descriptor where
+        :func:`activation_descriptor_ok` allows it.
     :returns: ``out``.
     """
     from moe_core.kernels._gemm import _grouped_gemm_kernel
@@ -180,9 +196,15 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     gated = activation is not None and activation.is_gated
     out_cols = w.shape[1] // 2 if gated else w.shape[1]
     _check(a, w, out, mode, quant, a_scale, w_scale, out_cols)
-    S, N = out.shape
-    K = a.shape[1]
     EM = sorted_token_ids.shape[0]
+    N, K = out.shape[1], a.shape[1]
+    S = a.shape[0] * top_k if sorted_out else out.shape[0]    # valid slots M·k
+    if sorted_out and sorted_in:
+        raise MoEInputError("grouped_gemm: sorted_out (gemm1) and sorted_in (gemm2) exclude each other")
+    for name, t in (("out", out), ("a", a)):
+        if (sorted_out if name == "out" else sorted_in) and t.shape[0] < EM:
+            raise MoEInputError(f"grouped_gemm: {name}: sorted mode needs >= len(sorted_token_ids) = {EM} "
+                                f"rows, got {list(t.shape)}")
     if S == 0 or EM == 0 or N == 0:
         return out
     BM, BK = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_K"]
@@ -231,8 +253,14 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     w_desc = w_desc_u = None
     if weight_tma and weight_descriptor_ok(w, mode, upcast):
         w_desc, w_desc_u = _weight_descriptors(w, BN, BK, activation)
+    a_desc = None
+    if sorted_in and a_tma and activation_descriptor_ok(a, mode, upcast):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [BM, BK])
     _grouped_gemm_kernel[grid](
-        a, w, w_desc if w_desc is not None else w, w_desc_u if w_desc_u is not None else w, out,
+        a, a_desc if a_desc is not None else a,
+        w, w_desc if w_desc is not None else w, w_desc_u if w_desc_u is not None else w, out,
         a_s if a_s is not None else dummy, w_scale if w_scale is not None else dummy,
         w_zp if w_zp is not None else dummy, bias if bias is not None else dummy, topk_weights,
         sorted_token_ids, expert_ids, num_tokens_post_padded,
@@ -260,6 +288,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         **_fused_act_args(activation),
         **({"W_SCALE_UNIFORM": True} if w_scale_uniform else {}),
         **({"W_TMA": True} if w_desc is not None else {}),
+        **({"SORTED_OUT": True} if sorted_out else {}),
+        **({"SORTED_IN": True} if sorted_in else {}),
+        **({"A_TMA": True} if a_desc is not None else {}),
         **pdl_args(out),
         **extra,
     )
