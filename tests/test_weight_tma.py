@@ -65,6 +65,21 @@ def test_tma_tiles_are_bitwise_the_pointer_tiles(N, K, bn, bk, fused) -> None:
         assert torch.equal(tma[flat == -1], torch.zeros_like(tma[flat == -1]))
 
 
+def test_interleaved_tiles_over_256_rows_take_the_two_views() -> None:
+    """A gated tile of 512 act columns reads 512 gate/up pairs: over a TMA box's 256 rows, so
+    gate and up come through the two strided views (two dots), still bitwise the pointer loads."""
+    M, E, k, N, K = 13, 3, 2, 96, 32
+    g = torch.Generator().manual_seed(9)
+    a = (torch.randn(M, K, generator=g) / 4).half()
+    w = (torch.randn(E, N, K, generator=g) / 8).half()
+    ids = torch.randint(0, E, (M, k), generator=g, dtype=torch.int32)
+    layer = epilogue_layer("interleaved", E, k, N, K)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 512, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+    plain = _gemm(a, w, ids, k, cfg, tma=False, activation=layer)
+    tma = _gemm(a, w, ids, k, cfg, tma=True, activation=layer)
+    assert not torch.isnan(tma).any() and torch.equal(tma, plain)
+
+
 class TmaTriton(TritonBackend):
     """Every GEMM asks for weight TMA (the interpreter emulates the descriptor loads)."""
 

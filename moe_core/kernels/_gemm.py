@@ -20,7 +20,9 @@ Quantization modes (``QUANT``, a constexpr):
 Fused activation (``FUSE_ACT``, gemm1 only, when no hook needs ``gate_up``): the program's
 ``BLOCK_SIZE_N`` columns are columns of ``act`` (``N`` = its width). Gated (``FUSE_ACT == 1``):
 each program also computes the matching up columns (rows ``n + N`` of ``w``, or rows ``2n`` and
-``2n + 1`` when ``INTERLEAVED``) in a second accumulator and stores ``act(gate, up)``;
+``2n + 1`` when ``INTERLEAVED``) in a second accumulator and stores ``act(gate, up)``; with
+``PAIR_DOT`` (interleaved) one dot over the program's ``2·BLOCK_SIZE_N`` contiguous gate/up rows
+fills one accumulator whose even and odd columns are split into gate and up after the K loop;
 non-gated (``FUSE_ACT == 2``): ``act(acc)``. Gate and up are rounded to the output dtype before
 the activation, as the unfused path stores them, so the output is bitwise the unfused one.
 Off (``0``), the kernel is the plain GEMM.
@@ -30,7 +32,8 @@ contiguous): ``w_desc`` views ``w`` as [E·N_w, K] with [BLOCK_SIZE_N, BLOCK_SIZ
 each K step is one TMA copy per weight tile (the K tail is zero-filled by the copy); the up rows
 of the halves layout are the same view ``N`` rows on. The interleaved gated layout takes two
 views of [E·N, K] with a row stride of two weight rows: ``w_desc`` from row 0 (gate rows
-``2n``) and ``w_desc_u`` from row 1 (up rows ``2n + 1``). Rows past an expert's end belong to the
+``2n``) and ``w_desc_u`` from row 1 (up rows ``2n + 1``); with ``PAIR_DOT`` it is the plain [E·N, K]
+view with [2·BLOCK_SIZE_N, BLOCK_SIZE_K] boxes (the two views serve tiles over 256 rows). Rows past an expert's end belong to the
 next expert (or are zero-filled past the last); they only feed columns the store masks, as the
 wrapped columns do.
 
@@ -156,6 +159,7 @@ def _grouped_gemm_kernel(
     SORTED_OUT: tl.constexpr = False,
     SORTED_IN: tl.constexpr = False,
     A_TMA: tl.constexpr = False,
+    PAIR_DOT: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     _pdl_enter(PDL)
@@ -211,12 +215,22 @@ def _grouped_gemm_kernel(
     # 4. A row of each slot: its token, or in sorted mode its position
     a_row = offs_tid if SORTED_IN else offs_token // top_k
     a_rows = a_ptr + a_row * stride_am
-    w_base = w_ptr + off_expert * stride_we + rows_g[None, :] * stride_wn
-    if FUSE_ACT == 1:
-        w_base_u = w_ptr + off_expert * stride_we + rows_u[None, :] * stride_wn
+    if PAIR_DOT:
+        # interleaved gated, one dot: the program's gate/up row pairs are 2·BLOCK_SIZE_N
+        # contiguous weight rows (wrapped past the expert's 2N like the columns)
+        rows_w = (pid_n.to(tl.int64) * (2 * BLOCK_SIZE_N)
+                  + tl.arange(0, 2 * BLOCK_SIZE_N).to(tl.int64)) % (2 * N)
+        w_base = w_ptr + off_expert * stride_we + rows_w[None, :] * stride_wn
+    else:
+        rows_w = rows_g
+        w_base = w_ptr + off_expert * stride_we + rows_g[None, :] * stride_wn
+        if FUSE_ACT == 1:
+            w_base_u = w_ptr + off_expert * stride_we + rows_u[None, :] * stride_wn
     if W_TMA:
         # first row of the program's tile in the descriptor's view (gate rows when fused)
-        if FUSE_ACT == 1 and INTERLEAVED:
+        if PAIR_DOT:
+            desc_row = (off_expert * 2 * N + pid_n.to(tl.int64) * (2 * BLOCK_SIZE_N)).to(tl.int32)
+        elif FUSE_ACT == 1 and INTERLEAVED:
             desc_row = (off_expert * N + pid_n.to(tl.int64) * BLOCK_SIZE_N).to(tl.int32)
             desc_row_u = desc_row                  # the same pair index in the up view (w_desc_u)
         else:
@@ -233,19 +247,22 @@ def _grouped_gemm_kernel(
     if QUANT == 2:
         # W_SCALE_UNIFORM: the program's weight rows lie in one [bn] block (gate rows in one, up
         # rows in one), so its first row stands for all: one weight scale per K block
-        scale_rows_g = rows_g
+        scale_rows_g = rows_w                    # the pairs' rows when PAIR_DOT
         if W_SCALE_UNIFORM:
             scale_rows_g = pid_n.to(tl.int64) * BLOCK_SIZE_N * (2 if FUSE_ACT == 1 and INTERLEAVED else 1)
         w_scale_cols = w_scale_ptr + off_expert * stride_wse + (scale_rows_g // group_n) * stride_wsn
-        if FUSE_ACT == 1:
+        if FUSE_ACT == 1 and not PAIR_DOT:
             scale_rows_u = rows_u
             if W_SCALE_UNIFORM:
                 scale_rows_u = scale_rows_g + 1 if INTERLEAVED else scale_rows_g + N
             w_scale_cols_u = w_scale_ptr + off_expert * stride_wse + (scale_rows_u // group_n) * stride_wsn
 
     # 5. K loop, fp32 accumulation, K tail masked
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    if FUSE_ACT == 1:
+    if PAIR_DOT:
+        acc = tl.zeros((BLOCK_SIZE_M, 2 * BLOCK_SIZE_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    if FUSE_ACT == 1 and not PAIR_DOT:
         acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_idx = kb * BLOCK_SIZE_K + offs_k
@@ -262,11 +279,11 @@ def _grouped_gemm_kernel(
         if W_TMA:
             wq = w_desc.load([desc_row, kb * BLOCK_SIZE_K]).T
         else:
-            wq = _w_tile(w_base, w_scale_ptr, w_zp_ptr, off_expert, rows_g, k_idx, k_mask, group_k, stride_wk,
+            wq = _w_tile(w_base, w_scale_ptr, w_zp_ptr, off_expert, rows_w, k_idx, k_mask, group_k, stride_wk,
                          stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk, QUANT, HAS_ZP,
                          UPCAST)
         part = _mma(a, wq, QUANT, INT_DOT, UPCAST, IEEE)
-        if FUSE_ACT == 1:
+        if FUSE_ACT == 1 and not PAIR_DOT:
             if W_TMA:
                 wq_u = w_desc_u.load([desc_row_u, kb * BLOCK_SIZE_K]).T
             else:
@@ -278,13 +295,15 @@ def _grouped_gemm_kernel(
             kg = (kb * BLOCK_SIZE_K) // group_k
             a_s = tl.load(a_scale_rows + kg * stride_ask, mask=token_mask, other=0.0)
             acc = _block_rescaled(acc, part, a_s, tl.load(w_scale_cols + kg * stride_wsk), W_SCALE_UNIFORM)
-            if FUSE_ACT == 1:
+            if FUSE_ACT == 1 and not PAIR_DOT:
                 acc_u = _block_rescaled(acc_u, part_u, a_s, tl.load(w_scale_cols_u + kg * stride_wsk),
                                         W_SCALE_UNIFORM)
         else:
             acc += part
-            if FUSE_ACT == 1:
+            if FUSE_ACT == 1 and not PAIR_DOT:
                 acc_u += part_u
+    if PAIR_DOT:        # columns 2c and 2c + 1 are act column c's gate and up
+        acc, acc_u = tl.split(tl.reshape(acc, (BLOCK_SIZE_M, BLOCK_SIZE_N, 2)))
 
     # 6. scales after the loop
     if QUANT == 1:
