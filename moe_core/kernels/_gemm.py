@@ -21,21 +21,25 @@ Fused activation (``FUSE_ACT``, gemm1 only, when no hook needs ``gate_up``): the
 ``BLOCK_SIZE_N`` columns are columns of ``act`` (``N`` = its width). Gated (``FUSE_ACT == 1``):
 each program also computes the matching up columns (rows ``n + N`` of ``w``, or rows ``2n`` and
 ``2n + 1`` when ``INTERLEAVED``) in a second accumulator and stores ``act(gate, up)``; with
-``PAIR_DOT`` (interleaved) one dot over the program's ``2·BLOCK_SIZE_N`` contiguous gate/up rows
-fills one accumulator whose even and odd columns are split into gate and up after the K loop;
+``PAIR_DOT`` one dot over the program's ``2·BLOCK_SIZE_N`` gate and up rows fills one
+accumulator that is split into gate and up after the K loop (interleaved: its even and odd
+columns, the rows being contiguous pairs; halves: its two halves, the gate tile's rows then the
+up tile's);
 non-gated (``FUSE_ACT == 2``): ``act(acc)``. Gate and up are rounded to the output dtype before
 the activation, as the unfused path stores them, so the output is bitwise the unfused one.
 Off (``0``), the kernel is the plain GEMM.
 
 Weight tiles through a tensor descriptor (``W_TMA``, sm90+, plain and w8a8 modes, weights
 contiguous): ``w_desc`` views ``w`` as [E·N_w, K] with [BLOCK_SIZE_N, BLOCK_SIZE_K] boxes, so
-each K step is one TMA copy per weight tile (the K tail is zero-filled by the copy); the up rows
-of the halves layout are the same view ``N`` rows on. The interleaved gated layout takes two
-views of [E·N, K] with a row stride of two weight rows: ``w_desc`` from row 0 (gate rows
-``2n``) and ``w_desc_u`` from row 1 (up rows ``2n + 1``); with ``PAIR_DOT`` it is the plain [E·N, K]
-view with [2·BLOCK_SIZE_N, BLOCK_SIZE_K] boxes (the two views serve tiles over 256 rows). Rows past an expert's end belong to the
-next expert (or are zero-filled past the last); they only feed columns the store masks, as the
-wrapped columns do.
+each K step is one TMA copy per weight tile (the K tail is zero-filled by the copy). Gated with
+``PAIR_DOT``: interleaved, the same view with [2·BLOCK_SIZE_N, BLOCK_SIZE_K] boxes (the pairs);
+halves, a view [E, 2, N, K] with [1, 2, BLOCK_SIZE_N, BLOCK_SIZE_K] boxes (gate tile and up
+tile in one copy; rows past the expert's N are zero-filled). Gated without it (the halves
+layout in block w8a8, tiles over 256 rows), ``w_desc_u`` reads the up rows: the same view ``N``
+rows on (halves), or for the interleaved layout two views of [E·N, K] with a row stride of two
+weight rows, ``w_desc`` from row 0 (gate rows ``2n``) and ``w_desc_u`` from row 1 (up rows
+``2n + 1``). Rows past an expert's end belong to the next expert (or are zero-filled past the
+last); they only feed columns the store masks, as the wrapped columns do.
 
 Sorted mode (SEMANTICS §3 step 10, ``USE_TMA`` of a ``_down`` table): gemm1 with ``SORTED_OUT``
 stores row ``p`` (the position in ``sorted_token_ids``) instead of the slot, every row of a block
@@ -216,10 +220,14 @@ def _grouped_gemm_kernel(
     a_row = offs_tid if SORTED_IN else offs_token // top_k
     a_rows = a_ptr + a_row * stride_am
     if PAIR_DOT:
-        # interleaved gated, one dot: the program's gate/up row pairs are 2·BLOCK_SIZE_N
-        # contiguous weight rows (wrapped past the expert's 2N like the columns)
-        rows_w = (pid_n.to(tl.int64) * (2 * BLOCK_SIZE_N)
-                  + tl.arange(0, 2 * BLOCK_SIZE_N).to(tl.int64)) % (2 * N)
+        offs_w = tl.arange(0, 2 * BLOCK_SIZE_N).to(tl.int64)
+        if INTERLEAVED:
+            # one dot over the program's gate/up row pairs: 2·BLOCK_SIZE_N contiguous weight
+            # rows (wrapped past the expert's 2N like the columns)
+            rows_w = (pid_n.to(tl.int64) * (2 * BLOCK_SIZE_N) + offs_w) % (2 * N)
+        else:
+            # halves: the gate tile's rows, then the up tile's (N rows on)
+            rows_w = (pid_n.to(tl.int64) * BLOCK_SIZE_N + offs_w % BLOCK_SIZE_N) % N + (offs_w // BLOCK_SIZE_N) * N
         w_base = w_ptr + off_expert * stride_we + rows_w[None, :] * stride_wn
     else:
         rows_w = rows_g
@@ -228,8 +236,10 @@ def _grouped_gemm_kernel(
             w_base_u = w_ptr + off_expert * stride_we + rows_u[None, :] * stride_wn
     if W_TMA:
         # first row of the program's tile in the descriptor's view (gate rows when fused)
-        if PAIR_DOT:
+        if PAIR_DOT and INTERLEAVED:
             desc_row = (off_expert * 2 * N + pid_n.to(tl.int64) * (2 * BLOCK_SIZE_N)).to(tl.int32)
+        elif PAIR_DOT:
+            desc_row = (pid_n * BLOCK_SIZE_N).to(tl.int32)    # halves: [E, 2, N, K] view, dim 2
         elif FUSE_ACT == 1 and INTERLEAVED:
             desc_row = (off_expert * N + pid_n.to(tl.int64) * BLOCK_SIZE_N).to(tl.int32)
             desc_row_u = desc_row                  # the same pair index in the up view (w_desc_u)
@@ -277,7 +287,11 @@ def _grouped_gemm_kernel(
         else:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if W_TMA:
-            wq = w_desc.load([desc_row, kb * BLOCK_SIZE_K]).T
+            if PAIR_DOT and not INTERLEAVED:     # [1, 2, BN, BK] box: gate tile, then up tile
+                wq = tl.reshape(w_desc.load([off_expert.to(tl.int32), 0, desc_row, kb * BLOCK_SIZE_K]),
+                                (2 * BLOCK_SIZE_N, BLOCK_SIZE_K)).T
+            else:
+                wq = w_desc.load([desc_row, kb * BLOCK_SIZE_K]).T
         else:
             wq = _w_tile(w_base, w_scale_ptr, w_zp_ptr, off_expert, rows_w, k_idx, k_mask, group_k, stride_wk,
                          stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk, QUANT, HAS_ZP,
@@ -302,8 +316,10 @@ def _grouped_gemm_kernel(
             acc += part
             if FUSE_ACT == 1 and not PAIR_DOT:
                 acc_u += part_u
-    if PAIR_DOT:        # columns 2c and 2c + 1 are act column c's gate and up
+    if PAIR_DOT and INTERLEAVED:        # columns 2c and 2c + 1 are act column c's gate and up
         acc, acc_u = tl.split(tl.reshape(acc, (BLOCK_SIZE_M, BLOCK_SIZE_N, 2)))
+    elif PAIR_DOT:                      # columns c and BLOCK_SIZE_N + c
+        acc, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N)), (0, 2, 1)))
 
     # 6. scales after the loop
     if QUANT == 1:

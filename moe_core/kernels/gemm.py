@@ -62,13 +62,17 @@ def _weight_descriptors(w: torch.Tensor, BN: int, BK: int, activation: MoELayer 
                         pair: bool) -> tuple[Any, Any]:
     """Host tensor descriptors (gate or only rows, up rows) of ``w`` with [BN, BK] boxes: [E·N, K]
     twice, or for the interleaved gated layout the even rows and the odd rows, each [E·N/2, K]
-    with a row stride of 2·K (the odd view starts one row, K elements, on); with ``pair`` (one
-    dot over the gate/up pairs) [E·N, K] with [2·BN, BK] boxes."""
+    with a row stride of 2·K (the odd view starts one row, K elements, on). With ``pair`` (one dot
+    over gate and up): interleaved, [E·N, K] with [2·BN, BK] boxes; halves, [E, 2, N/2, K] with
+    [1, 2, BN, BK] boxes (the gate and the up tile of one program)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     E, N, K = w.shape
-    if pair:
+    if pair and activation.gate_up_layout == "interleaved":
         desc = TensorDescriptor(w, [E * N, K], [K, 1], [2 * BN, BK])
+        return desc, desc
+    if pair:                     # halves: [E, 2, N/2, K], one box holds the gate and the up tile
+        desc = TensorDescriptor(w, [E, 2, N // 2, K], [N * K, N // 2 * K, K, 1], [1, 2, BN, BK])
         return desc, desc
     if activation is not None and activation.is_gated and activation.gate_up_layout == "interleaved":
         flat = w.reshape(-1)
@@ -256,10 +260,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
              if key not in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "USE_TMA")}
     dummy = out
     w_desc = w_desc_u = None
-    # interleaved gated: gate and up rows alternate, so one dot over 2·BN contiguous rows (a TMA
-    # box holds at most 256 rows) computes both, split in the epilogue; 5-7% faster than two
-    # dots at gpt-oss prefill on the H200, bitwise the same (benchmarks/NOTES.md, attempt 25)
-    pair = gated and activation.gate_up_layout == "interleaved" and 2 * BN <= 256
+    # gated: one dot over the gate and up rows (2·BN of them; a TMA box holds at most 256 rows),
+    # split in the epilogue. Interleaved, the rows are contiguous pairs (any mode); halves, two
+    # tiles N rows apart, plain weights only (block w8a8 would need a weight scale per half).
+    # 2-10% faster than two dots at prefill on the H200, bitwise the same (NOTES attempts 25, 27)
+    pair = gated and 2 * BN <= 256 and (activation.gate_up_layout == "interleaved" or mode == 0)
     if weight_tma and weight_descriptor_ok(w, mode, upcast):
         w_desc, w_desc_u = _weight_descriptors(w, BN, BK, activation, pair)
     a_desc = None
