@@ -38,24 +38,26 @@ def weight_box_rows(config: dict[str, Any], activation: MoELayer | None) -> int:
     return max(16, BN // 2) if activation is not None and activation.is_gated else BN
 
 
+def _tma_rows_ok(t: torch.Tensor, mode: int, upcast: bool) -> bool:
+    """The preconditions every descriptor read shares: the tile is the operand as stored (plain
+    or w8a8, no dequantization, no interpreter upcast), rows contiguous along the last dim with a
+    16-byte aligned start and stride."""
+    return (mode in (0, 1, 2) and not upcast and t.stride(-1) == 1
+            and (t.stride(-2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
 def weight_descriptor_ok(w: torch.Tensor, mode: int, upcast: bool) -> bool:
     """Whether the kernel can read ``w``'s tiles through a tensor descriptor: plain or w8a8
     weights (no dequantization in the tile), ``w`` [E, N, K] contiguous with 16-byte aligned rows
     (so the interleaved layout's up view, one row on, is aligned too), and no interpreter upcast."""
-    if mode not in (0, 1, 2) or upcast:
-        return False
     E, N, K = w.shape
-    return (w.stride(2) == 1 and w.stride(1) == K and w.stride(0) == N * K
-            and (K * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0)
+    return _tma_rows_ok(w, mode, upcast) and w.stride(1) == K and w.stride(0) == N * K
 
 
 def activation_descriptor_ok(a: torch.Tensor, mode: int, upcast: bool) -> bool:
     """Whether gemm2 can read its sorted-mode input ``a`` [P, K] through a tensor descriptor:
     plain or w8a8 input, rows contiguous and 16-byte aligned, no interpreter upcast."""
-    if mode not in (0, 1, 2) or upcast:
-        return False
-    return (a.stride(1) == 1 and (a.stride(0) * a.element_size()) % 16 == 0
-            and a.data_ptr() % 16 == 0)
+    return _tma_rows_ok(a, mode, upcast)
 
 
 def _weight_descriptors(w: torch.Tensor, BN: int, BK: int, activation: MoELayer | None,
@@ -210,10 +212,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     S = a.shape[0] * top_k if sorted_out else out.shape[0]    # valid slots M·k
     if sorted_out and sorted_in:
         raise MoEInputError("grouped_gemm: sorted_out (gemm1) and sorted_in (gemm2) exclude each other")
-    for name, t in (("out", out), ("a", a)):
-        if (sorted_out if name == "out" else sorted_in) and t.shape[0] < EM:
-            raise MoEInputError(f"grouped_gemm: {name}: sorted mode needs >= len(sorted_token_ids) = {EM} "
-                                f"rows, got {list(t.shape)}")
+    sorted_buffer = ("out", out) if sorted_out else ("a", a) if sorted_in else None
+    if sorted_buffer is not None and sorted_buffer[1].shape[0] < EM:
+        name, t = sorted_buffer
+        raise MoEInputError(f"grouped_gemm: {name}: sorted mode needs >= len(sorted_token_ids) = {EM} "
+                            f"rows, got {list(t.shape)}")
     if S == 0 or EM == 0 or N == 0:
         return out
     BM, BK = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_K"]
