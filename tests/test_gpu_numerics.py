@@ -315,10 +315,12 @@ def test_deterministic_mode_bitwise_and_independent_of_M(monkeypatch: pytest.Mon
     {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8, "num_stages": 3},
 ], ids=["mma16x64", "wgmma64x128", "wgmma128x256"])
 @pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
-def test_fused_activation_is_bitwise_the_unfused_path(cfg, activation):
+@pytest.mark.parametrize("scheme", ["bf16", "fp8_block"])
+def test_fused_activation_is_bitwise_the_unfused_path(cfg, activation, scheme):
     """Fusing must change no bit: a registered hook turns fusing off (it needs gate_up), and
-    hook neutrality (SEMANTICS §8) compares against the hook-free, fused forward."""
-    from moe_core.bench import with_fused_activation
+    hook neutrality (SEMANTICS §8) compares against the hook-free, fused forward. fp8 block: the
+    gated dot over both halves with a weight scale per half (64x128) against the plain GEMM."""
+    from moe_core.bench import fp8_block_weights, with_fused_activation
     from moe_core.backends.cuda import CudaBackend
 
     M, H, I, E, k = 300, 1024, 512, 8, 2
@@ -326,7 +328,7 @@ def test_fused_activation_is_bitwise_the_unfused_path(cfg, activation):
     oai = dict(gemm1_alpha=1.702, gemm1_limit=7.0) if activation == "swiglu_oai" else {}
     layer = MoELayer(num_local_experts=E, top_k=k, hidden_size=H, intermediate_size=I, activation=activation,
                      **oai)
-    weights = ExpertWeights(w1, w2)
+    weights = ExpertWeights(w1, w2) if scheme == "bf16" else fp8_block_weights(w1, w2)
     with moe_core.override_config(cfg):
         fused = MoERunner(layer, backend=with_fused_activation(CudaBackend())).run(x, weights, tw, ti)
         plain = MoERunner(layer, backend=with_fused_activation(CudaBackend(), False)).run(x, weights, tw, ti)

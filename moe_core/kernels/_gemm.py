@@ -24,7 +24,7 @@ each program also computes the matching up columns (rows ``n + N`` of ``w``, or 
 ``PAIR_DOT`` one dot over the program's ``2·BLOCK_SIZE_N`` gate and up rows fills one
 accumulator that is split into gate and up after the K loop (interleaved: its even and odd
 columns, the rows being contiguous pairs; halves: its two halves, the gate tile's rows then the
-up tile's);
+up tile's, block w8a8 rescaling each half by its own weight scale);
 non-gated (``FUSE_ACT == 2``): ``act(acc)``. Gate and up are rounded to the output dtype before
 the activation, as the unfused path stores them, so the output is bitwise the unfused one.
 Off (``0``), the kernel is the plain GEMM.
@@ -34,8 +34,8 @@ contiguous): ``w_desc`` views ``w`` as [E·N_w, K] with [BLOCK_SIZE_N, BLOCK_SIZ
 each K step is one TMA copy per weight tile (the K tail is zero-filled by the copy). Gated with
 ``PAIR_DOT``: interleaved, the same view with [2·BLOCK_SIZE_N, BLOCK_SIZE_K] boxes (the pairs);
 halves, a view [E, 2, N, K] with [1, 2, BLOCK_SIZE_N, BLOCK_SIZE_K] boxes (gate tile and up
-tile in one copy; rows past the expert's N are zero-filled). Gated without it (the halves
-layout in block w8a8, tiles over 256 rows), ``w_desc_u`` reads the up rows: the same view ``N``
+tile in one copy; rows past the expert's N are zero-filled). Gated without it (halves tiles of
+other w8a8 modes or of block w8a8 over 64 columns, tiles over 256 rows), ``w_desc_u`` reads the up rows: the same view ``N``
 rows on (halves), or for the interleaved layout two views of [E·N, K] with a row stride of two
 weight rows, ``w_desc`` from row 0 (gate rows ``2n``) and ``w_desc_u`` from row 1 (up rows
 ``2n + 1``). Rows past an expert's end belong to the next expert (or are zero-filled past the
@@ -122,6 +122,16 @@ def _block_rescaled(acc, part, a_s, w_s, W_SCALE_UNIFORM: tl.constexpr):
     if W_SCALE_UNIFORM:
         return acc + part * (a_s * w_s)[:, None]
     return acc + part * a_s[:, None] * w_s[None, :]
+
+
+@triton.jit
+def _halves_rescaled(acc, part, a_s, w_s_g, w_s_u, BLOCK_SIZE_N: tl.constexpr):
+    """:func:`_block_rescaled` of a halves pair accumulator (gate columns ``[0, BLOCK_SIZE_N)``,
+    up columns after) whose halves have one weight scale each: per element the product the
+    two-dot path multiplies by, so the result is bitwise that path's."""
+    cols = tl.arange(0, 2 * BLOCK_SIZE_N)
+    scale = tl.where(cols[None, :] < BLOCK_SIZE_N, (a_s * w_s_g)[:, None], (a_s * w_s_u)[:, None])
+    return acc + part * scale
 
 
 # EM and num_valid_tokens change with every batch size; specialising them (divisibility by 16)
@@ -261,7 +271,8 @@ def _grouped_gemm_kernel(
         if W_SCALE_UNIFORM:
             scale_rows_g = pid_n.to(tl.int64) * BLOCK_SIZE_N * (2 if FUSE_ACT == 1 and INTERLEAVED else 1)
         w_scale_cols = w_scale_ptr + off_expert * stride_wse + (scale_rows_g // group_n) * stride_wsn
-        if FUSE_ACT == 1 and not PAIR_DOT:
+        # the up rows' scale: two dots, or a halves pair with one scale per half
+        if FUSE_ACT == 1 and (not PAIR_DOT or (W_SCALE_UNIFORM and not INTERLEAVED)):
             scale_rows_u = rows_u
             if W_SCALE_UNIFORM:
                 scale_rows_u = scale_rows_g + 1 if INTERLEAVED else scale_rows_g + N
@@ -296,6 +307,14 @@ def _grouped_gemm_kernel(
             wq = _w_tile(w_base, w_scale_ptr, w_zp_ptr, off_expert, rows_w, k_idx, k_mask, group_k, stride_wk,
                          stride_wse, stride_wsn, stride_wsk, stride_zpe, stride_zpn, stride_zpk, QUANT, HAS_ZP,
                          UPCAST)
+        if QUANT == 2:
+            # this K block's scales, loaded before its dot so their latency overlaps the MMA
+            # (after the dot they waited for its result, then for the loads, every K block)
+            kg = (kb * BLOCK_SIZE_K) // group_k
+            a_s = tl.load(a_scale_rows + kg * stride_ask, mask=token_mask, other=0.0)
+            w_s = tl.load(w_scale_cols + kg * stride_wsk)
+            if FUSE_ACT == 1 and (not PAIR_DOT or (W_SCALE_UNIFORM and not INTERLEAVED)):
+                w_s_u = tl.load(w_scale_cols_u + kg * stride_wsk)
         part = _mma(a, wq, QUANT, INT_DOT, UPCAST, IEEE)
         if FUSE_ACT == 1 and not PAIR_DOT:
             if W_TMA:
@@ -306,12 +325,12 @@ def _grouped_gemm_kernel(
                                QUANT, HAS_ZP, UPCAST)
             part_u = _mma(a, wq_u, QUANT, INT_DOT, UPCAST, IEEE)
         if QUANT == 2:
-            kg = (kb * BLOCK_SIZE_K) // group_k
-            a_s = tl.load(a_scale_rows + kg * stride_ask, mask=token_mask, other=0.0)
-            acc = _block_rescaled(acc, part, a_s, tl.load(w_scale_cols + kg * stride_wsk), W_SCALE_UNIFORM)
+            if PAIR_DOT and W_SCALE_UNIFORM and not INTERLEAVED:
+                acc = _halves_rescaled(acc, part, a_s, w_s, w_s_u, BLOCK_SIZE_N)
+            else:
+                acc = _block_rescaled(acc, part, a_s, w_s, W_SCALE_UNIFORM)
             if FUSE_ACT == 1 and not PAIR_DOT:
-                acc_u = _block_rescaled(acc_u, part_u, a_s, tl.load(w_scale_cols_u + kg * stride_wsk),
-                                        W_SCALE_UNIFORM)
+                acc_u = _block_rescaled(acc_u, part_u, a_s, w_s_u, W_SCALE_UNIFORM)
         else:
             acc += part
             if FUSE_ACT == 1 and not PAIR_DOT:

@@ -133,6 +133,21 @@ def _check(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, mode: int, quant
         raise MoETypeError(f"grouped_gemm: w8a8 needs a and w both fp8 or both int8, got {a.dtype} and {w.dtype}")
 
 
+def _pair_dot(activation: MoELayer | None, mode: int, BN: int) -> bool:
+    """Whether a gated gemm1 program runs one dot over its ``BN`` gate and ``BN`` up rows, split
+    in the epilogue, instead of two dots; bitwise the same (NOTES attempts 25, 27, 29).
+
+    Interleaved, the rows are contiguous pairs (any mode); halves, two tiles N rows apart, for
+    plain weights and for block w8a8 up to 64 act columns (a weight scale per half: 2-4% faster
+    there on the H200, 2x slower at 128 columns). A TMA box holds at most 256 rows.
+    """
+    if activation is None or not activation.is_gated or 2 * BN > 256:
+        return False
+    if activation.gate_up_layout == "interleaved" or mode == 0:
+        return True
+    return mode == 2 and 2 * BN <= 128
+
+
 def _fused_act_args(layer: MoELayer | None) -> dict[str, Any]:
     """The kernel's fused-activation constexprs for ``layer`` (none: the plain GEMM)."""
     if layer is None:
@@ -263,11 +278,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
              if key not in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "USE_TMA")}
     dummy = out
     w_desc = w_desc_u = None
-    # gated: one dot over the gate and up rows (2·BN of them; a TMA box holds at most 256 rows),
-    # split in the epilogue. Interleaved, the rows are contiguous pairs (any mode); halves, two
-    # tiles N rows apart, plain weights only (block w8a8 would need a weight scale per half).
-    # 2-10% faster than two dots at prefill on the H200, bitwise the same (NOTES attempts 25, 27)
-    pair = gated and 2 * BN <= 256 and (activation.gate_up_layout == "interleaved" or mode == 0)
+    pair = _pair_dot(activation, mode, BN)
     if weight_tma and weight_descriptor_ok(w, mode, upcast):
         w_desc, w_desc_u = _weight_descriptors(w, BN, BK, activation, pair)
     a_desc = None
