@@ -130,6 +130,28 @@ def test_fused_scales_of_the_up_half(scheme: str, kw: dict, layout: str) -> None
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bn", [64, 128], ids=["uniform-scale", "scale-per-row"])
+def test_block_w8a8_halves_pair_dot_rescales_each_half(bn: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block w8a8 halves as one dot over the gate and up tiles: with [32, 32] blocks a program of
+    32 act columns has one weight scale per half, one of 64 a scale per row pair of blocks; both
+    must match the two-dot path (gate and up rows of different magnitudes, so a scale of the
+    wrong half cannot pass)."""
+    import moe_core.kernels.gemm as gemm
+
+    layer, x, w1, w2, _, _, tw, ti = _case("silu", True, "halves", None, None, H=64, I=64, seed=9)
+    w1 = w1 * torch.where(torch.arange(w1.shape[1]) >= 64, 4.0, 0.5)[None, :, None]
+    q1, q2, quant = quantize_layer(w1, w2, "fp8_w8a8", block_shape=(32, 32))
+    weights = ExpertWeights(q1, q2, quant=quant)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1}
+    assert gemm._pair_dot(layer, 2, bn // 2)
+    with moe_core.override_config(cfg):
+        pair = MoERunner(layer, backend=Fused()).run(x, weights, tw, ti)
+        monkeypatch.setattr(gemm, "_pair_dot", lambda activation, mode, BN: False)
+        two = MoERunner(layer, backend=Fused()).run(x, weights, tw, ti)
+    assert pair.abs().max() > 0
+    torch.testing.assert_close(pair, two, rtol=1e-5, atol=1e-5)
+
+
 def test_a_gate_up_hook_turns_fusion_off() -> None:
     layer, x, w1, w2, b1, b2, tw, ti = _case("gelu", True, "halves", None, None)
     seen = []
