@@ -35,11 +35,12 @@ each K step is one TMA copy per weight tile (the K tail is zero-filled by the co
 ``PAIR_DOT``: interleaved, the same view with [2·BLOCK_SIZE_N, BLOCK_SIZE_K] boxes (the pairs);
 halves, a view [E, 2, N, K] with [1, 2, BLOCK_SIZE_N, BLOCK_SIZE_K] boxes (gate tile and up
 tile in one copy; rows past the expert's N are zero-filled). Gated without it (halves tiles of
-other w8a8 modes or of block w8a8 over 64 columns, tiles over 256 rows), ``w_desc_u`` reads the up rows: the same view ``N``
-rows on (halves), or for the interleaved layout two views of [E·N, K] with a row stride of two
-weight rows, ``w_desc`` from row 0 (gate rows ``2n``) and ``w_desc_u`` from row 1 (up rows
-``2n + 1``). Rows past an expert's end belong to the next expert (or are zero-filled past the
-last); they only feed columns the store masks, as the wrapped columns do.
+other w8a8 modes or of block w8a8 over 64 columns, tiles over 256 rows), ``w_desc_u`` reads the
+up rows: the same view ``N`` rows on (halves), or for the interleaved layout two views of
+[E·N, K] with a row stride of two weight rows, ``w_desc`` from row 0 (gate rows ``2n``) and
+``w_desc_u`` from row 1 (up rows ``2n + 1``). Rows past an expert's end belong to the next
+expert (or are zero-filled past the last); they only feed columns the store masks, as the
+wrapped columns do.
 
 Sorted mode (SEMANTICS §3 step 10, ``USE_TMA`` of a ``_down`` table): gemm1 with ``SORTED_OUT``
 stores row ``p`` (the position in ``sorted_token_ids``) instead of the slot, every row of a block
