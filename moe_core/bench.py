@@ -32,7 +32,7 @@ import torch
 from moe_core.timing import median_event_time, time_eager, time_graph
 
 __all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "random_weights", "fp8_block_weights",
-           "roofline", "run_bench", "untuned", "with_fused_activation"]
+           "roofline", "roofline_bytes", "run_bench", "untuned", "with_fused_activation"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +167,17 @@ def without_pdl(fn: Callable[[], Any]) -> Callable[[], Any]:
     return call
 
 
+def roofline_bytes(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float, act_bytes: int) -> float:
+    """Bytes one forward must move: the weights of the experts hit, the activations in and out."""
+    H, I, N = layer.hidden_size, layer.intermediate_size, layer.gate_up_rows
+    return experts_hit * (N * H + H * I) * weight_bytes_per_elem + 2 * M * H * act_bytes
+
+
 def roofline(M: int, layer: Any, experts_hit: int, weight_bytes_per_elem: float, act_bytes: int,
              ceilings: dict[str, float]) -> float:
     """Lower bound in seconds of one forward (see the module docstring)."""
     H, I, N, k = layer.hidden_size, layer.intermediate_size, layer.gate_up_rows, layer.top_k
-    weight_bytes = experts_hit * (N * H + H * I) * weight_bytes_per_elem
-    bytes_moved = weight_bytes + 2 * M * H * act_bytes
+    bytes_moved = roofline_bytes(M, layer, experts_hit, weight_bytes_per_elem, act_bytes)
     flops = 2 * M * k * (H * N + I * H)
     return max(bytes_moved / ceilings["copy_bytes_per_s"], flops / ceilings["mm_flops_per_s"])
 

@@ -108,6 +108,23 @@ def test_bench_untuned_backend_skips_shipped_tables() -> None:
     assert resolve(fused).config == resolve(unfused).config == tuned.config
 
 
+def test_bench_roofline_counts_the_experts_hit_and_the_activations() -> None:
+    """The roofline of issue 5: bytes = weights of the experts hit + activations in and out,
+    flops = 2·M·k·(H·N + I·H), time = the larger of bytes / bandwidth and flops / matmul rate."""
+    from moe_core import bench
+    from moe_core.presets import PRESETS
+
+    layer = PRESETS["qwen3-30b-a3b"].layer()          # H 2048, I 768, gated (N = 1536), k 8
+    per_expert = (1536 * 2048 + 2048 * 768) * 2        # bf16 w1 and w2 of one expert
+    assert bench.roofline_bytes(1, layer, 8, 2.0, 2) == 8 * per_expert + 2 * 1 * 2048 * 2
+    assert bench.roofline_bytes(64, layer, 100, 1.0, 2) == 100 * per_expert / 2 + 2 * 64 * 2048 * 2
+    slow_mm = {"copy_bytes_per_s": 4e12, "mm_flops_per_s": 1e9}
+    fast_mm = {"copy_bytes_per_s": 4e12, "mm_flops_per_s": 1e18}
+    flops = 2 * 64 * 8 * (2048 * 1536 + 768 * 2048)
+    assert bench.roofline(64, layer, 100, 2.0, 2, slow_mm) == flops / 1e9
+    assert bench.roofline(64, layer, 100, 2.0, 2, fast_mm) == bench.roofline_bytes(64, layer, 100, 2.0, 2) / 4e12
+
+
 def test_bench_fp8_weights_quantized_in_expert_chunks_equal_whole() -> None:
     """deepseek-v3's fp8 bench quantizes a few experts at a time (the whole of w1 at once ran out
     of memory on an H200); the chunks give exactly the weights and scales of one pass."""
