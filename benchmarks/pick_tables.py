@@ -66,8 +66,9 @@ def main() -> None:
         preset = PRESETS[model]
         layer = preset.layer()
         E, H, I = layer.num_local_experts, layer.hidden_size, layer.intermediate_size
-        quant = ",dtype=fp8_w8a8,block_shape=[128,128]" if args.dtype == "fp8" else ""
-        names = [f"E={E},N={I},device_name={device}{quant}.json", f"E={E},N={I},device_name={device}{quant}_down.json"]
+        quant = {"dtype": "fp8_w8a8", "block_shape": (128, 128)} if args.dtype == "fp8" else {}
+        names = [config_files.config_file_name(config_files.FileKey(E, I, device, **quant, down=down))
+                 for down in (False, True)]
         shipped = [_table(shipped_dir / folder / n) for n in names]
         cand = [_table(cand_dir / folder / n) for n in names]
         if not all(cand):

@@ -89,7 +89,7 @@ def main() -> None:
         preset = PRESETS[model]
         layer = preset.layer()
         E, H, I = layer.num_local_experts, layer.hidden_size, layer.intermediate_size
-        names = [f"E={E},N={I},device_name={device}.json", f"E={E},N={I},device_name={device}_down.json"]
+        names = [config_files.config_file_name(config_files.FileKey(E, I, device, down=down)) for down in (False, True)]
         shipped = [json.loads((Path(args.shipped) / folder / n).read_text()) for n in names]
         tables = [dict(t) for t in shipped]
         gen = torch.Generator(device="cuda").manual_seed(1)
