@@ -104,8 +104,7 @@ def main() -> None:
             logger.info("%s M=%d: shipped %.1f µs, candidate %.1f µs -> %s", model, M, old, new,
                         "candidate" if take else "shipped")
         for name, table in zip(names, merged):
-            body = {k: table[k] for k in sorted(table, key=lambda s: int(s) if s.isdigit() else -1)}
-            (out_dir / name).write_text(json.dumps(body, indent=4) + "\n", encoding="utf-8")
+            config_files.write_table(out_dir / name, table)
         del w1, w2, weights
         torch.cuda.empty_cache()
     (Path(args.out) / "pick.md").write_text("\n".join(report) + "\n")

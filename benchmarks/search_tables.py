@@ -33,9 +33,10 @@ logger = logging.getLogger("search_tables")
 
 
 def _write(folder: Path, names: list[str], tables: list[dict]) -> None:
+    from moe_core.config_files import write_table
+
     for name, table in zip(names, tables):
-        body = {k: table[k] for k in sorted(table, key=lambda s: int(s) if s.isdigit() else -1)}
-        (folder / name).write_text(json.dumps(body, indent=4) + "\n", encoding="utf-8")
+        write_table(folder / name, table)
 
 
 def _forward_us(runner, weights, routings: list[tuple], folder: Path, names: list[str],

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
 import attrs
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 __all__ = ["FileKey", "config_file_name", "parse_file_name", "triton_version", "triton_folder",
-           "version_folders", "find_config_file", "load_table", "parse_table", "FoundFile"]
+           "version_folders", "find_config_file", "load_table", "parse_table", "FoundFile", "write_json", "write_table", "ENTRY_KEY_ORDER"]
 
 Dir = Union[Path, "Traversable"]
 
@@ -215,3 +216,33 @@ def load_table(path: Dir) -> dict[int, dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read kernel-config file {path}: {exc}") from exc
     return parse_table(text, str(path))
+
+
+#: key order of each entry :func:`write_table` writes (others follow, sorted)
+ENTRY_KEY_ORDER = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages",
+                   "USE_TMA")
+
+
+def write_json(path: Path, body: Any) -> None:
+    """Write ``body`` as indented JSON at ``path`` atomically (temp file + rename), so an
+    interrupted writer leaves the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(body, indent=4) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_table(path: Path, table: Mapping[Any, Any]) -> None:
+    """Write a config table in our file format (:func:`write_json`): batch sizes ascending
+    (int or digit-string keys; other top-level keys such as vLLM's ``triton_version`` first, as
+    they were), each entry's keys in :data:`ENTRY_KEY_ORDER`."""
+    def order(key: Any) -> int:
+        return int(key) if str(key).isdigit() else -1
+
+    def entry(value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        keys = [k for k in ENTRY_KEY_ORDER if k in value] + sorted(k for k in value if k not in ENTRY_KEY_ORDER)
+        return {k: value[k] for k in keys}
+
+    write_json(path, {str(k): entry(table[k]) for k in sorted(table, key=order)})

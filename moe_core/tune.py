@@ -46,7 +46,6 @@ ACT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
 SCHEMES = ("fp8_w8a8", "int8_w8a8", "int8_w8a16", "int4_w4a16")
 #: ``timer(fn) -> milliseconds per call of fn``
 Timer = Callable[[Callable[[], Any]], float]
-_KEY_ORDER = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "USE_TMA")
 
 
 def _pow2_at_least(n: int) -> int:
@@ -500,19 +499,6 @@ def _try(bench: _Bench, candidate: dict[str, Any], timer: Timer, *, exact: bool 
         return "skipped", None
 
 
-def _ordered(config: dict[str, Any]) -> dict[str, Any]:
-    keys = [k for k in _KEY_ORDER if k in config] + sorted(k for k in config if k not in _KEY_ORDER)
-    return {k: config[k] for k in keys}
-
-
-def _write_json(path: Path, body: dict[str, Any]) -> None:
-    """Atomic write (temp file + rename) so an interrupted run leaves a valid partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(body, indent=4) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_partial(path: Path) -> dict[int, dict[str, Any]]:
     if not path.exists():
         return {}
@@ -598,12 +584,12 @@ def tune(backend: Backend, spec: TuneSpec, *, out_dir: str | Path,
                                   f"{backend.name!r} ({res.tried} tried, {res.skipped} failed, {res.wrong} wrong)")
             logger.info("%s M=%d: best %.4f ms %s; default %s ms", gemm, M, res.time_ms, res.config,
                         "n/a" if default_ms is None else f"{default_ms:.4f}")
-            table[M] = _ordered(res.config)
+            table[M] = dict(res.config)
             if gemm == "up":
                 up_table = table
-            _write_json(path, {str(m): table[m] for m in sorted(table)})
+            files.write_table(path, table)
             log[str(M)] = attrs.asdict(res)
-            _write_json(log_path, {k: log[k] for k in sorted(log, key=int)})
+            files.write_json(log_path, {k: log[k] for k in sorted(log, key=int)})
             results[gemm][M] = res
         del bench                              # free this GEMM's weights before the next
     return results

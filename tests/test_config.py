@@ -120,6 +120,23 @@ def test_parse_accepts_other_spellings(name: str, expected: Any) -> None:
     assert parse_file_name("E=8,N=64.json") is None and parse_file_name("README.md") is None
 
 
+def test_write_table_rewrites_every_shipped_table_byte_for_byte(tmp_path: Path) -> None:
+    """The one table writer (tuner, pick_tables, search_tables): batch sizes ascending, entry keys
+    in ENTRY_KEY_ORDER, whatever order they come in; no temp file is left behind."""
+    shipped = sorted((Path(__file__).parents[1] / "backends" / "cuda" / "configs").glob("triton_*/*.json"))
+    assert shipped
+    for path in shipped:
+        body = json.loads(path.read_text())
+        scrambled = {k: dict(reversed(list(v.items()))) for k, v in reversed(list(body.items()))}
+        config_files.write_table(tmp_path / path.name, scrambled)
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({p.name for p in shipped})
+    config_files.write_table(tmp_path / "t.json", {16: {"num_warps": 4, "BLOCK_SIZE_M": 16}, "2": {"x": 1},
+                                                   "triton_version": "3.6.0"})
+    assert list(json.loads((tmp_path / "t.json").read_text())) == ["triton_version", "2", "16"]
+    assert list(json.loads((tmp_path / "t.json").read_text())["16"]) == ["BLOCK_SIZE_M", "num_warps"]
+
+
 def test_sglang_spelling_found_by_lookup(tmp_path: Path) -> None:
     write(tmp_path / RUNNING, {"1": entry(bk=128)},
           name=f"E=8,N=64,device_name={DEV},dtype=fp8_w8a8,block_shape=[128, 128].json")
