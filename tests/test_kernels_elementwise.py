@@ -202,6 +202,25 @@ def test_quantize_row_blocks_and_wide_groups(device: str, qdtype: torch.dtype, r
     assert torch.equal(_bits(q), _bits(rq)), "quantized values differ from moe_core.quant"
 
 
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("group_k,K", [(64, 192), (2500, 5000)])     # one-pass and two-pass groups
+def test_quantize_groups_step_over_row_blocks(device: str, group_k: int, K: int,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more row blocks than the grid's axis 1 holds, each program steps over the row blocks
+    by the grid's height: shrinking that bound to 3 still quantizes every row of 5-7 row blocks,
+    bitwise :mod:`moe_core.quant`."""
+    from moe_core.kernels import quantize
+
+    monkeypatch.setattr(quantize, "_MAX_GRID_Y", 3)
+    g = torch.Generator().manual_seed(K)
+    rows = 300 if group_k == 64 else 13          # row blocks of 64 (5 of them) / of 2 (7)
+    a = (torch.randn(rows, K, generator=g) * 3).to(torch.float16).to(device)
+    q, s = quantize.quantize_activation(a, qdtype=torch.float8_e4m3fn, group_k=group_k)
+    rq, rs = torch_quantize(a, _spec(torch.float8_e4m3fn, False, group_k), None, fp8_dtype=torch.float8_e4m3fn)
+    assert torch.equal(s, rs), "scales differ"
+    assert torch.equal(_bits(q), _bits(rq)), "quantized values differ from moe_core.quant"
+
+
 def test_quantize_fnuz_and_empty() -> None:
     from moe_core.kernels.quantize import quantize_activation
 

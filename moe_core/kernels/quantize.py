@@ -27,6 +27,8 @@ QDTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 #: most partial maxima of the dynamic per-tensor path (programs of launch 1)
 _MAX_PARTIALS = 512
+#: most programs along a CUDA grid's axis 1 (the per-token-group kernel steps past it)
+_MAX_GRID_Y = 65535
 
 
 def _check(a: torch.Tensor, qdtype: torch.dtype, group_k: int | None,
@@ -97,7 +99,8 @@ def quantize_activation(a: torch.Tensor, *, qdtype: torch.dtype, per_channel: bo
             # ~4K elements per program: one program per (row, group of 128) left the GPU idle
             # (H200, mixtral M=4096 fp8: 826 µs of a 5 ms forward; benchmarks/NOTES.md, attempt 9)
             block_r = max(1, min(next_power_of_2(rows), 4096 // block))
-            _quant_group_kernel[(cdiv(rows, block_r), n_groups)](
+            grid = (n_groups, min(cdiv(rows, block_r), _MAX_GRID_Y))    # groups fastest (the kernel says why)
+            _quant_group_kernel[grid](
                 a, target, scale, rows, K, gk, a.stride(0), target.stride(0), scale.stride(0),
                 qmax, EPS, IS_INT8=is_int8, BLOCK_R=block_r, BLOCK=block, ONE_PASS=gk <= block, num_warps=4,
                 **pdl_args(target))
