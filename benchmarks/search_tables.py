@@ -1,4 +1,4 @@
-"""Search the decode entries of the bf16 tables by timing the *whole forward* (one GPU).
+"""Search entries of the cuda tables by timing the *whole forward* (one GPU).
 
 ``moe-core tune`` times each GEMM alone, and at decode sizes its pick can lose in the forward,
 where gemm1 and gemm2 overlap through programmatic dependent launch (``pick_tables.py`` says
@@ -11,6 +11,15 @@ alignment depends on the first). Candidates are written as tables to ``--out``, 
 
     python benchmarks/search_tables.py --models gpt-oss-20b --sizes 2,4,8,16,32,64 --out cand
     python benchmarks/pick_tables.py --candidate cand --out picked --models gpt-oss-20b
+
+The defaults search decode tiles (4 warps) of the bf16 tables; ``--dtype fp8`` searches the fp8
+block [128,128] tables instead, and ``--warps`` / ``--block-n`` / ``--block-k`` widen the tiles
+for prefill sizes (``BLOCK_SIZE_K`` must divide fp8's 128; other tiles are skipped)::
+
+    python benchmarks/search_tables.py --dtype fp8 --models gpt-oss-20b --sizes 16384 \
+        --block-n 64,128,256 --block-k 64,128 --stages 3,4 --warps 4,8 --out cand
+    python benchmarks/pick_tables.py --dtype fp8 --candidate cand --out picked --models gpt-oss-20b \
+        --min-tokens 16384 --max-tokens 16384
 
 Each candidate is timed through a table file in a scratch ``MOE_CORE_CONFIG_DIR``, so what is
 measured is exactly what a shipped table would run.
@@ -58,7 +67,7 @@ def main() -> None:
 
     import moe_core
     from moe_core import config, config_files
-    from moe_core.bench import random_weights
+    from moe_core.bench import fp8_block_weights, random_weights
     from moe_core.errors import MoECoreError
     from moe_core.presets import PRESETS
 
@@ -71,6 +80,9 @@ def main() -> None:
     p.add_argument("--block-n", default="32,64,128", help="BLOCK_SIZE_N candidates")
     p.add_argument("--block-k", default="128,256", help="BLOCK_SIZE_K candidates")
     p.add_argument("--stages", default="3,4,5,6", help="num_stages candidates")
+    p.add_argument("--warps", default="4", help="num_warps candidates")
+    p.add_argument("--dtype", choices=("bfloat16", "fp8"), default="bfloat16",
+                   help="search the bf16 tables, or the fp8 block [128,128] w8a8 ones (bf16 activations)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -82,20 +94,24 @@ def main() -> None:
     os.environ["MOE_CORE_CONFIG_DIR"] = str(scratch)
     device = torch.cuda.get_device_name().replace(" ", "_")
     smem = moe_core.get_backend("cuda").shared_memory_limit()
-    tiles = [{"BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "num_stages": st, "num_warps": 4}
-             for bn, bk, st in itertools.product(*(map(int, s.split(",")) for s in
-                                                   (args.block_n, args.block_k, args.stages)))]
+    tiles = [{"BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "num_stages": st, "num_warps": w}
+             for bn, bk, st, w in itertools.product(*(map(int, s.split(",")) for s in
+                                                      (args.block_n, args.block_k, args.stages, args.warps)))]
+    fp8 = args.dtype == "fp8"
+    quant = {"dtype": "fp8_w8a8", "block_shape": (128, 128)} if fp8 else {}
+    operand_bytes = 1 if fp8 else 2
     report = ["| model | M | shipped µs | searched µs | gemm1 | gemm2 |", "|---|---|---|---|---|---|"]
     for model in args.models.split(","):
         preset = PRESETS[model]
         layer = preset.layer()
         E, H, I = layer.num_local_experts, layer.hidden_size, layer.intermediate_size
-        names = [config_files.config_file_name(config_files.FileKey(E, I, device, down=down)) for down in (False, True)]
+        names = [config_files.config_file_name(config_files.FileKey(E, I, device, **quant, down=down))
+                 for down in (False, True)]
         shipped = [json.loads((Path(args.shipped) / folder / n).read_text()) for n in names]
         tables = [dict(t) for t in shipped]
         gen = torch.Generator(device="cuda").manual_seed(1)
         w1, w2 = random_weights(layer, gen)
-        weights = moe_core.ExpertWeights(w1, w2)
+        weights = fp8_block_weights(w1, w2) if fp8 else moe_core.ExpertWeights(w1, w2)
         runner = moe_core.MoERunner(layer, backend="cuda")
         for M in tqdm([int(m) for m in args.sizes.split(",")], desc=model, disable=None):
             key = str(M)
@@ -111,7 +127,7 @@ def main() -> None:
             for which in (0, 1):               # gemm1, then gemm2 with gemm1's pick in place
                 for tile in tiles:
                     entry = {**tables[which][key], **tile}
-                    if smem is not None and config.estimate_shared_memory(entry, 2, 2) > smem:
+                    if smem is not None and config.estimate_shared_memory(entry, operand_bytes, operand_bytes) > smem:
                         continue
                     trial = [dict(t) for t in tables]
                     trial[which][key] = entry
