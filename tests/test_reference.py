@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import moe_core
@@ -56,10 +56,16 @@ def _make(M: int, H: int, I: int, E: int, k: int, *, dtype=torch.float32, act: s
     return layer, x, w1, w2, b1, b2, tw, ids
 
 
-def _check(out: torch.Tensor, layer, x, w1, w2, b1, b2, tw, ids, *, no_combine=False, **ctx) -> None:
+def _reference(layer, x, w1, w2, b1, b2, tw, ids, *, no_combine=False) -> torch.Tensor:
+    """The float64 oracle of the forward, intermediates rounded to ``x``'s dtype below fp32."""
+    return oracle_moe(x, w1, w2, tw, ids, b1=b1, b2=b2, no_combine=no_combine,
+                      round_intermediate=None if x.dtype == torch.float32 else x.dtype, **_oracle_kw(layer))
+
+
+def _check(out: torch.Tensor, layer, x, w1, w2, b1, b2, tw, ids, *, no_combine=False, ref=None, **ctx) -> None:
     dtype = x.dtype
-    ref = oracle_moe(x, w1, w2, tw, ids, b1=b1, b2=b2, no_combine=no_combine,
-                     round_intermediate=None if dtype == torch.float32 else dtype, **_oracle_kw(layer))
+    if ref is None:
+        ref = _reference(layer, x, w1, w2, b1, b2, tw, ids, no_combine=no_combine)
     assert out.dtype == dtype
     maxtol, rmstol = tolerance_for(dtype)
     assert_close_normalized(out, ref, maxtol, rmstol, topk_ids=ids, **ctx)
@@ -229,8 +235,15 @@ def test_hypothesis_dtypes_and_activations(case: dict, dtype: torch.dtype, act: 
     layer, x, w1, w2, b1, b2, tw, ids = _make(case["M"], case["H"], case["I"], case["E"], case["k"], dtype=dtype,
                                               act=act, bias=bias, routing=case["routing"], seed=case["seed"],
                                               routed_scaling_factor=1.5)
+    ref = _reference(layer, x, w1, w2, b1, b2, tw, ids)
+    # A draw whose whole output lies in the dtype's subnormal range (fp16: below 6.1e-5, e.g. a
+    # 1x1 product of small normals) checks how the dtype rounds there, not the forward: one
+    # subnormal step of fp16 is 2-5% of such a value, over the 1e-2 tolerance (TESTING §1:
+    # outputs far below the inputs' scale check nothing). Zero outputs stay: they must be exact.
+    peak = ref.abs().max().item() if ref.numel() else 0.0
+    assume(peak == 0 or peak >= torch.finfo(dtype).tiny)
     out = moe_core.fused_experts(x, w1, w2, tw, ids, layer=layer, b1=b1, b2=b2, backend="torch")
-    _check(out, layer, x, w1, w2, b1, b2, tw, ids, case=case, act=act)
+    _check(out, layer, x, w1, w2, b1, b2, tw, ids, ref=ref, case=case, act=act)
 
 
 # -- quantized schemes ----------------------------------------------------------------------
