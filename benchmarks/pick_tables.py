@@ -35,7 +35,7 @@ def _table(path: Path) -> dict[str, dict]:
 def main() -> None:
     import moe_core
     from moe_core import config_files
-    from moe_core.bench import fp8_block_weights, random_weights
+    from moe_core.bench import fp8_block_weights, random_weights, table_file_names
     from moe_core.presets import PRESETS
     from moe_core.timing import time_graph
     from tqdm.auto import tqdm
@@ -65,10 +65,8 @@ def main() -> None:
     for model in args.models.split(","):
         preset = PRESETS[model]
         layer = preset.layer()
-        E, H, I = layer.num_local_experts, layer.hidden_size, layer.intermediate_size
-        quant = {"dtype": "fp8_w8a8", "block_shape": (128, 128)} if args.dtype == "fp8" else {}
-        names = [config_files.config_file_name(config_files.FileKey(E, I, device, **quant, down=down))
-                 for down in (False, True)]
+        E, H = layer.num_local_experts, layer.hidden_size
+        names = table_file_names(layer, device, args.dtype)
         shipped = [_table(shipped_dir / folder / n) for n in names]
         cand = [_table(cand_dir / folder / n) for n in names]
         if not all(cand):

@@ -67,7 +67,7 @@ def main() -> None:
 
     import moe_core
     from moe_core import config, config_files
-    from moe_core.bench import fp8_block_weights, random_weights
+    from moe_core.bench import fp8_block_weights, random_weights, table_file_names
     from moe_core.errors import MoECoreError
     from moe_core.presets import PRESETS
 
@@ -98,15 +98,13 @@ def main() -> None:
              for bn, bk, st, w in itertools.product(*(map(int, s.split(",")) for s in
                                                       (args.block_n, args.block_k, args.stages, args.warps)))]
     fp8 = args.dtype == "fp8"
-    quant = {"dtype": "fp8_w8a8", "block_shape": (128, 128)} if fp8 else {}
     operand_bytes = 1 if fp8 else 2
     report = ["| model | M | shipped µs | searched µs | gemm1 | gemm2 |", "|---|---|---|---|---|---|"]
     for model in args.models.split(","):
         preset = PRESETS[model]
         layer = preset.layer()
-        E, H, I = layer.num_local_experts, layer.hidden_size, layer.intermediate_size
-        names = [config_files.config_file_name(config_files.FileKey(E, I, device, **quant, down=down))
-                 for down in (False, True)]
+        E, H = layer.num_local_experts, layer.hidden_size
+        names = table_file_names(layer, device, args.dtype)
         shipped = [json.loads((Path(args.shipped) / folder / n).read_text()) for n in names]
         tables = [dict(t) for t in shipped]
         gen = torch.Generator(device="cuda").manual_seed(1)

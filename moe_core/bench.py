@@ -32,7 +32,7 @@ import torch
 from moe_core.timing import median_event_time, time_eager, time_graph
 
 __all__ = ["measure_ceilings", "time_graph", "grouped_mm_moe", "naive_moe", "random_weights", "fp8_block_weights",
-           "roofline", "roofline_bytes", "run_bench", "untuned", "with_fused_activation"]
+           "table_file_names", "roofline", "roofline_bytes", "run_bench", "untuned", "with_fused_activation"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,17 @@ def fp8_block_weights(w1: torch.Tensor, w2: torch.Tensor, *, chunk_elems: int = 
 
     (q1, s1), (q2, s2) = quantize(w1), quantize(w2)
     return moe_core.ExpertWeights(q1, q2, quant=moe_core.QuantSpec.fp8_w8a8(s1, s2, block_shape=(128, 128)))
+
+
+def table_file_names(layer: Any, device_name: str, dtype: str = "bfloat16") -> list[str]:
+    """The gemm1 and gemm2 (``_down``) table file names the bench's weights of ``layer`` read on
+    ``device_name``: bf16, or (``dtype="fp8"``) :func:`fp8_block_weights`' block [128, 128] w8a8."""
+    from moe_core import config_files
+
+    quant = {"dtype": "fp8_w8a8", "block_shape": (128, 128)} if dtype == "fp8" else {}
+    return [config_files.config_file_name(config_files.FileKey(layer.num_local_experts, layer.intermediate_size,
+                                                               device_name, **quant, down=down))
+            for down in (False, True)]
 
 
 def _variant(backend: Any, prefix: str, **overrides: Any) -> Any:

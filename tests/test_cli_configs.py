@@ -142,6 +142,25 @@ def test_bench_fp8_weights_quantized_in_expert_chunks_equal_whole() -> None:
         assert torch.equal(s, rs)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8"])
+def test_bench_table_file_names_are_the_shipped_tables(dtype: str) -> None:
+    """The table scripts (pick_tables, search_tables) read and write the files the runner looks
+    up for the bench's weights: each preset's H200 gemm1/gemm2 pair ships under these names, and
+    each name parses back to that preset's key (fp8: block [128, 128])."""
+    from moe_core import bench
+    from moe_core.presets import PRESETS
+
+    folder = Path(__file__).resolve().parents[1] / "backends" / "cuda" / "configs" / config_files.triton_folder((3, 6, 0))
+    for model in bench.DEFAULT_MODELS:
+        layer = PRESETS[model].layer()
+        names = bench.table_file_names(layer, "NVIDIA H200", dtype)
+        assert [(folder / n).is_file() for n in names] == [True, True], names
+        keys = [config_files.parse_file_name(n) for n in names]
+        assert [k.down for k in keys] == [False, True]
+        assert all((k.E, k.N) == (layer.num_local_experts, layer.intermediate_size) for k in keys)
+        assert all(k.block_shape == ((128, 128) if dtype == "fp8" else None) for k in keys)
+
+
 def test_tune_table_marks_rows_where_the_default_won(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from moe_core import tune as _tune
