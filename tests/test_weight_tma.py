@@ -97,9 +97,16 @@ def test_forward_with_weight_tma_matches_oracle(dtype, layout, nan_empty) -> Non
     weights = ExpertWeights(case.w1, case.w2)
     out = MoERunner(case.layer, backend=TmaTriton()).run(case.x, weights, case.topk_weights, case.topk_ids)
     assert_close_normalized(out, case.oracle(), *tolerance_for(dtype), topk_ids=case.topk_ids)
-    if dtype == torch.float16:       # fp32 dots may round differently on a transposed operand
+    if dtype == torch.float16:
+        # The interpreter's dot is numpy's fp32 matmul, whose summation order follows the
+        # operand's memory layout and the CPU's BLAS kernel: the descriptor's transposed tile
+        # can round a gemm1 output one fp16 ulp apart on some CPUs (9 of 1216 outputs on an
+        # AMD EPYC, none on the machines before), which gemm2 carries on. So on the CPU the
+        # two paths agree to within the fp16 rounding of the largest output; the bitwise
+        # guarantee is the GPU test's (test_gpu_numerics.py::test_weight_tma_is_bitwise_the_pointer_loads).
         plain = MoERunner(case.layer, backend=TritonBackend()).run(case.x, weights, case.topk_weights, case.topk_ids)
-        assert torch.equal(out, plain)
+        diff = (out.float() - plain.float()).abs().max().item()
+        assert diff <= 2.0 ** -10 * plain.float().abs().max().item(), diff
 
 
 def test_weight_descriptor_ok_falls_back_where_tma_cannot_read() -> None:
