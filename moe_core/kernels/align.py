@@ -11,6 +11,7 @@ over ``E + 2`` rounded to a power of two lanes). No host sync.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -32,13 +33,21 @@ _BLOCK_T = 64
 _BLOCK_S = 1024
 #: entries of the [chunks, E1_PAD] table the one-program scan reads (bounds the chunk count)
 _TABLE_BUDGET = 65536
+#: what one table entry of the scan costs, in slots of a chunk's serial count: on the H200 a
+#: count step of ``_BLOCK_T`` slots took ~1.6 µs and the scan ~24 µs per 65536 entries
+#: (benchmarks/NOTES.md, attempt 49), so a slot of chunk costs as much as ~68 entries
+_ENTRIES_PER_SLOT = 68
 
 
 def _chunking(numel: int, e1_pad: int) -> tuple[int, int]:
-    """(slots per chunk, chunks): chunks of ``_BLOCK_T`` slots (one step each) while there are
-    few, grown in powers of two so the table stays within ``_TABLE_BUDGET`` entries."""
+    """(slots per chunk, chunks). The count launch walks a chunk serially, ``_BLOCK_T`` slots a
+    step, and the one-program scan reads the whole [chunks, E1_PAD] table, so the two balance
+    at ``chunk ≈ sqrt(numel · E1_PAD / _ENTRIES_PER_SLOT)`` (the nearest power of two); never
+    under ``_BLOCK_T``, nor so small that the table outgrows ``_TABLE_BUDGET`` (or 256 chunks)."""
     max_chunks = min(256, max(8, _TABLE_BUDGET // e1_pad))
-    chunk = max(_BLOCK_T, next_power_of_2(cdiv(numel, max_chunks)))
+    smallest = max(_BLOCK_T, next_power_of_2(cdiv(numel, max_chunks)))
+    balanced = 1 << round(math.log2(max(1.0, math.sqrt(numel * e1_pad / _ENTRIES_PER_SLOT))))
+    chunk = max(smallest, balanced)
     return chunk, cdiv(numel, chunk)
 
 
