@@ -6,6 +6,8 @@
 #   LOG_DIR defaults to $OUT when set, else ./gpu_logs. Writes LOG_DIR/gpu_check.log
 #   (environment, install, pytest output) and LOG_DIR/junit.xml. Exit status: pytest's.
 # The machine needs torch, triton, pytest, pluggy, attrs, hypothesis already installed.
+# Parallel workers (pytest-xdist) share the GPU's memory: `-n 4` fits an 80 GB H100; at `-n 8` the
+# largest cases (int32-overflow shapes, big LoRA grids) ran out of memory there (a 141 GB H200 held it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${1:-${OUT:-./gpu_logs}}"
